@@ -1,0 +1,34 @@
+"""idefics_jax: IDEFICS (the open Flamingo reproduction) in JAX / Flax NNX.
+
+Public entry points:
+- `from_hf(path)`: the model loaded from an HF IDEFICS directory (config.json + safetensors).
+- `Idefics`, `IdeficsConfig`: the module and its config.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flax import nnx
+
+from idefics_jax.config import IdeficsConfig, PerceiverConfig, VisionConfig
+from idefics_jax.models import Idefics
+
+
+def from_hf(path: str | os.PathLike, *, mesh: Any = None, rules: Any = None, **config_overrides) -> Idefics:
+    """The model loaded from an HF IDEFICS directory.
+
+    `path` holds config.json and model.safetensors (or sharded safetensors with
+    model.safetensors.index.json, or pytorch_model*.bin). `config_overrides` set our own config fields
+    (e.g. dtype='bfloat16', param_dtype, remat). With `mesh`, parameters are placed sharded by the
+    logical-axis `rules` (default `sharding.DEFAULT_RULES`) as they are read.
+    """
+    from idefics_jax import hf
+
+    config = IdeficsConfig.from_hf(path, **config_overrides)
+    graphdef, state = hf.load_state(config, hf.HFReader(path), mesh=mesh, rules=rules)
+    return nnx.merge(graphdef, state)
+
+
+__all__ = ["Idefics", "IdeficsConfig", "PerceiverConfig", "VisionConfig", "from_hf"]

@@ -1,0 +1,319 @@
+"""The one table between HF `IdeficsForVisionText2Text` parameter names and our state paths.
+
+Our state is scan-stacked: per-layer HF tensors become slices of one array with leading layer axes
+(ViT layers [n], perceiver blocks [depth], cross-attention layers [blocks], decoder layers
+[blocks, interval] — HF layer i is our [i // interval, i % interval]). Linear kernels are stored
+[in, out] (HF [out, in]); the ViT patch conv [E, C, P, P] is stored as a [C*P*P, E] matrix.
+
+The table is derived from our state tree (`entries(config)`), so a parameter added to a module
+without a rule here is an error rather than a silent omission. The converters (tools/) and
+`idefics_jax.from_hf` both read and write through `Entry.to_ours` / `Entry.to_hf`, one tensor at a
+time, so memory stays bounded by the largest stacked parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from idefics_jax.config import IdeficsConfig
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One of our (possibly stacked) parameters and the HF tensors it holds.
+
+    path: our state path; template: HF name with '{i}' for the layer index (none if unstacked);
+    stack: leading stacked dims of our array (() | (n,) | (blocks, interval));
+    kind: 'linear' (transpose), 'conv' (patch conv ⇄ matrix) or 'copy';
+    shape: our full array shape (stack + per-layer shape);
+    conv_in: for 'conv', HF's kernel dims after the output channels, (C, P, P).
+    """
+
+    path: Path
+    template: str
+    stack: tuple[int, ...]
+    kind: str
+    shape: tuple[int, ...]
+    conv_in: tuple[int, ...] = ()
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        return self.shape[len(self.stack):]
+
+    def hf_items(self) -> list[tuple[tuple[int, ...], str]]:
+        """(index into our leading stack dims, HF tensor name) for every HF tensor of this entry."""
+        if not self.stack:
+            return [((), self.template)]
+        out = []
+        for idx in itertools.product(*(range(n) for n in self.stack)):
+            flat = int(np.ravel_multi_index(idx, self.stack))
+            out.append((idx, self.template.format(i=flat)))
+        return out
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        """Shape of one HF tensor of this entry."""
+        s = self.layer_shape
+        if self.kind == "linear":
+            return (s[1], s[0])
+        if self.kind == "conv":
+            return (s[1], *self.conv_in)
+        return s
+
+    def to_ours(self, t: np.ndarray) -> np.ndarray:
+        """One HF tensor → our per-layer slice."""
+        if self.kind == "linear":
+            return t.T
+        if self.kind == "conv":
+            return t.reshape(t.shape[0], -1).T
+        return t
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        """Our per-layer slice → the HF tensor (contiguous)."""
+        if self.kind == "linear":
+            return np.ascontiguousarray(x.T)
+        if self.kind == "conv":
+            return np.ascontiguousarray(x.T.reshape(x.shape[1], *self.conv_in))
+        return np.ascontiguousarray(x)
+
+
+def _leaf_rule(rest: Path) -> tuple[str, str]:
+    """Our trailing path inside a layer → (HF suffix, kind)."""
+    *mods, leaf = rest
+    if leaf == "kernel":
+        return ".".join([*mods, "weight"]), "linear"
+    return ".".join([*mods, leaf]), "copy"
+
+
+def _rule(path: Path, config: IdeficsConfig) -> tuple[str, tuple[int, ...], str]:
+    """Our path → (HF template, stack dims, kind). Raises KeyError for an unknown path."""
+    nb, k = config.num_blocks, config.cross_layer_interval
+    head, rest = path[0], path[1:]
+    if head == "embed_tokens":
+        return {"weight": "model.embed_tokens.weight",
+                "additional_embedding": "model.embed_tokens.additional_embedding.weight"}[rest[0]], (), "copy"
+    if head == "lm_head":
+        return {"weight": "lm_head.weight", "additional_fc": "lm_head.additional_fc.weight"}[rest[0]], (), "linear"
+    if head == "norm":
+        return "model.norm.weight", (), "copy"
+    if head == "vision_model":
+        if rest[0] == "embeddings":
+            name = rest[1]
+            if name == "patch_embedding":
+                return "model.vision_model.embeddings.patch_embedding.weight", (), "conv"
+            suffix = "class_embedding" if name == "class_embedding" else f"{name}.weight"
+            return f"model.vision_model.embeddings.{suffix}", (), "copy"
+        if rest[0] == "layers":
+            suffix, kind = _leaf_rule(rest[1:])
+            return f"model.vision_model.encoder.layers.{{i}}.{suffix}", (config.vision.num_hidden_layers,), kind
+        if rest[0] in ("pre_layrnorm", "post_layernorm"):
+            return f"model.vision_model.{rest[0]}.{rest[1]}", (), "copy"
+    if head == "perceiver_resampler":
+        if rest[0] in ("latents",):
+            return "model.perceiver_resampler.latents", (), "copy"
+        if rest[0] == "layer_norm":
+            return f"model.perceiver_resampler.layer_norm.{rest[1]}", (), "copy"
+        if rest[0] == "blocks":
+            sub = {"attn": "0", "mlp": "1"}[rest[1]]
+            suffix, kind = _leaf_rule(rest[2:])
+            return (f"model.perceiver_resampler.blocks.{{i}}.{sub}.{suffix}",
+                    (config.perceiver.resampler_depth,), kind)
+    if head == "blocks":
+        if rest[0] == "gated_cross_attn_layer":
+            suffix, kind = _leaf_rule(rest[1:])
+            return f"model.gated_cross_attn_layers.{{i}}.{suffix}", (nb,), kind
+        if rest[0] == "layers":
+            suffix, kind = _leaf_rule(rest[1:])
+            return f"model.layers.{{i}}.{suffix}", (nb, k), kind
+    raise KeyError(f"no HF name rule for our parameter {'.'.join(path)}")
+
+
+def abstract_state(config: IdeficsConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, abstract state) of `Idefics(config)`: shapes and dtypes only, nothing allocated."""
+    from idefics_jax.models import Idefics
+
+    abstract = nnx.eval_shape(lambda: Idefics(config, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract)
+
+
+def entries(config: IdeficsConfig, state: nnx.State | None = None) -> list[Entry]:
+    """Every parameter of `Idefics(config)` with its HF names, in state order."""
+    if state is None:
+        state = abstract_state(config)[1]
+    conv_in = (config.vision.num_channels, config.vision.patch_size, config.vision.patch_size)
+    out = []
+    for path, var in nnx.to_flat_state(state):
+        path = tuple(str(p) for p in path)
+        template, stack, kind = _rule(path, config)
+        out.append(Entry(path, template, stack, kind, tuple(var.shape), conv_in if kind == "conv" else ()))
+    return out
+
+
+def hf_names(config: IdeficsConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name of the model → its HF shape."""
+    return {name: e.hf_shape for e in entries(config) for _, name in e.hf_items()}
+
+
+# Reading HF checkpoints --------------------------------------------------------------------------
+
+class CheckpointError(ValueError):
+    """A checkpoint file or tensor is missing, corrupt, or not what the config says."""
+
+
+class HFReader:
+    """Reads tensors one at a time from an HF model directory, as float/int numpy arrays.
+
+    Supports model.safetensors, sharded safetensors with model.safetensors.index.json, and
+    pytorch_model*.bin (through `torch.load(weights_only=True)`, which refuses anything but tensors).
+    Safetensors files are memory-mapped, so only the tensor being read is resident.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = os.fspath(directory)
+        self._where: dict[str, str] = {}
+        self._handles: dict[str, Any] = {}
+        self._bins: dict[str, Mapping[str, Any]] = {}
+        names = set(os.listdir(self.dir)) if os.path.isdir(self.dir) else set()
+        if not names:
+            raise CheckpointError(f"{self.dir}: not a directory with an HF checkpoint")
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if index_name in names:
+                path = os.path.join(self.dir, index_name)
+                try:
+                    with open(path) as f:
+                        weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(f"{path}: unreadable index ({e}); expected JSON with a 'weight_map'") from e
+                self._where = {k: os.path.join(self.dir, v) for k, v in weight_map.items()}
+                break
+        else:
+            for single in ("model.safetensors", "pytorch_model.bin"):
+                if single in names:
+                    path = os.path.join(self.dir, single)
+                    self._where = {k: path for k in self._keys_of(path)}
+                    break
+            else:
+                raise CheckpointError(f"{self.dir}: no model.safetensors, model.safetensors.index.json or "
+                                      "pytorch_model.bin found")
+        for path in sorted(set(self._where.values())):
+            if not os.path.exists(path):
+                raise CheckpointError(f"{path}: listed in the index but missing")
+
+    def _open(self, path: str):
+        if path.endswith(".safetensors"):
+            if path not in self._handles:
+                from safetensors import safe_open
+
+                try:
+                    self._handles[path] = safe_open(path, framework="numpy")
+                except Exception as e:  # safetensors raises its own error types for bad headers
+                    raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+            return self._handles[path]
+        if path not in self._bins:
+            import torch
+
+            try:
+                self._bins[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise CheckpointError(f"{path}: not a tensor-only PyTorch checkpoint ({e})") from e
+            bad = [k for k, v in self._bins[path].items() if not isinstance(v, torch.Tensor)]
+            if bad:
+                raise CheckpointError(f"{path}: entry {bad[0]!r} is not a tensor; expected only tensors")
+        return self._bins[path]
+
+    def _keys_of(self, path: str) -> list[str]:
+        h = self._open(path)
+        return list(h.keys())
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor `name` as numpy (bf16 is returned as ml_dtypes.bfloat16)."""
+        if name not in self._where:
+            raise CheckpointError(f"{self.dir}: tensor {name!r} is missing")
+        path = self._where[name]
+        h = self._open(path)
+        try:
+            if path.endswith(".safetensors"):
+                return h.get_tensor(name)
+            t = h[name]
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{path}: tensor {name!r} could not be read ({e})") from e
+        import torch
+
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+
+def read_stacked(entry: Entry, read: Callable[[str], np.ndarray], dtype: Any) -> np.ndarray:
+    """Our full (stacked) array for `entry`, reading its HF tensors one by one via `read(name)`."""
+    out = np.empty(entry.shape, dtype=dtype)
+    for idx, name in entry.hf_items():
+        t = read(name)
+        if tuple(t.shape) != entry.hf_shape:
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}; expected {entry.hf_shape} "
+                                  "from config.json")
+        out[idx] = entry.to_ours(t).astype(dtype)
+    return out
+
+
+def iter_hf(entry: Entry, value: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, HF tensor) for every layer slice of our stacked `value`."""
+    for idx, name in entry.hf_items():
+        yield name, entry.to_hf(np.asarray(value[idx]))
+
+
+def check_keys(config: IdeficsConfig, names: list[str], where: str) -> None:
+    """Raises CheckpointError naming the first missing or unexpected HF tensor."""
+    expected = hf_names(config)
+    got = set(names)
+    if config.tie_word_embeddings:
+        got -= {"lm_head.weight", "lm_head.additional_fc.weight"}
+    missing = [n for n in expected if n not in got]
+    if missing:
+        raise CheckpointError(f"{where}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    unexpected = sorted(got - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected "
+                              "in all); not part of the model config.json describes")
+
+
+def load_state(config: IdeficsConfig, reader: HFReader, mesh: Any = None, rules: Any = None,
+               on_tensor: Callable[[Entry], None] | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state) with every parameter read from `reader`, cast to `config.param_dtype`.
+
+    With `mesh`, each parameter is placed with its NamedSharding as soon as it is read.
+    """
+    from idefics_jax import sharding
+
+    check_keys(config, reader.keys(), reader.dir)
+    graphdef, state = abstract_state(config)
+    shardings = sharding.state_shardings(state, mesh, rules) if mesh is not None else None
+    flat_sh = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+    dtype = np.dtype(jax.numpy.dtype(config.param_dtype))
+    by_path = {e.path: e for e in entries(config, state)}
+    for path, var in nnx.to_flat_state(state):
+        key = tuple(str(p) for p in path)
+        entry = by_path[key]
+        value = read_stacked(entry, reader.get, dtype)
+        target = flat_sh.get(path)
+        var.set_value(jax.device_put(value, target.get_value() if target is not None else None))
+        if on_tensor is not None:
+            on_tensor(entry)
+    return graphdef, state

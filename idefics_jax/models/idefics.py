@@ -1,0 +1,176 @@
+"""The whole IDEFICS model (HF `IdeficsForVisionText2Text`).
+
+Decoupled embedding and LM head (base vocab and additional vocab are separate parameters, so either
+can be frozen) · ViT → perceiver → per-image latents · the decoder as one scan over blocks, a block
+being one gated cross-attention layer followed by `cross_layer_interval` LLaMA layers (themselves an
+inner scan) · final RMSNorm.
+
+HF layer i (= block i // interval, slot i % interval) sits at `blocks.layers.*[i // interval, i % interval]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from idefics_jax import sharding
+from idefics_jax.config import IdeficsConfig
+from idefics_jax.models import layers as L
+from idefics_jax.models.cross_attention import GatedCrossAttentionLayer
+from idefics_jax.models.llama import DecoderLayer
+from idefics_jax.models.perceiver import PerceiverResampler
+from idefics_jax.models.vision import VisionTransformer
+
+HIDDEN = ("batch", "length", "act_embed")
+
+
+class DecoupledEmbedding(nnx.Module):
+    """Token embedding: ids < vocab_size read `weight` [V, D], ids ≥ vocab_size read `additional_embedding` [A, D]."""
+
+    def __init__(self, config: IdeficsConfig, *, rngs: nnx.Rngs | None):
+        pdt, std = L.dtype_of(config.param_dtype), config.initializer_range
+        self.vocab_size = config.vocab_size
+        self.weight = L.param(rngs, L.normal(std), (config.vocab_size, config.hidden_size), ("vocab", "embed"), pdt)
+        self.additional_embedding = (
+            L.param(rngs, L.normal(std), (config.additional_vocab_size, config.hidden_size), (None, "embed"), pdt)
+            if config.additional_vocab_size else None)
+        self.dtype = L.dtype_of(config.dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """ids int [B, T] → [B, T, D] in the compute dtype."""
+        base = jnp.take(self.weight[...], jnp.clip(ids, 0, self.vocab_size - 1), axis=0)
+        if self.additional_embedding is not None:
+            extra = jnp.take(self.additional_embedding[...],
+                             jnp.clip(ids - self.vocab_size, 0, self.additional_embedding.shape[0] - 1), axis=0)
+            base = jnp.where((ids >= self.vocab_size)[..., None], extra, base)
+        return base.astype(self.dtype)
+
+
+class DecoupledHead(nnx.Module):
+    """LM head: logits = [h @ weight, h @ additional_fc], float32 [B, T, V + A]."""
+
+    def __init__(self, config: IdeficsConfig, *, rngs: nnx.Rngs | None):
+        pdt, std = L.dtype_of(config.param_dtype), config.initializer_range
+        self.weight = L.param(rngs, L.normal(std), (config.hidden_size, config.vocab_size), ("embed", "vocab"), pdt)
+        self.additional_fc = (
+            L.param(rngs, L.normal(std), (config.hidden_size, config.additional_vocab_size), ("embed", None), pdt)
+            if config.additional_vocab_size else None)
+        self.dtype = L.dtype_of(config.dtype)
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        """h [B, T, D] → float32 logits [B, T, V + A]."""
+        return _logits(h, self.weight[...], None if self.additional_fc is None else self.additional_fc[...],
+                       self.dtype)
+
+
+def _logits(h: jax.Array, w: jax.Array, extra: jax.Array | None, dtype) -> jax.Array:
+    dot = lambda k: jnp.dot(h.astype(dtype), k.astype(dtype), preferred_element_type=jnp.float32)
+    out = dot(w)
+    return out if extra is None else jnp.concatenate([out, dot(extra)], axis=-1)
+
+
+class Block(nnx.Module):
+    """One scanned unit: a gated cross-attention layer, then `cross_layer_interval` decoder layers."""
+
+    def __init__(self, config: IdeficsConfig, *, rngs: nnx.Rngs | None):
+        self.gated_cross_attn_layer = GatedCrossAttentionLayer(config, rngs=rngs)
+        self.layers = L.stack(lambda r: DecoderLayer(config, rngs=r), config.cross_layer_interval, rngs)
+        self.remat = config.remat
+
+    def __call__(self, h, image_states, image_mask, cos, sin, mask):
+        """h [B, T, D] → [B, T, D]; see `Idefics.__call__` for the other inputs."""
+        h = L.checkpoint(lambda x: self.gated_cross_attn_layer(x, image_states, image_mask), self.remat)(h)
+        h = L.scan(self.layers, lambda layer, x: layer(x, cos, sin, mask), h, self.remat)
+        return sharding.constrain(h, HIDDEN)
+
+
+class Idefics(nnx.Module):
+    """IDEFICS for vision→text generation. Create with `Idefics(config, rngs=nnx.Rngs(seed))`."""
+
+    def __init__(self, config: IdeficsConfig, *, rngs: nnx.Rngs | None = None):
+        self.config = config
+        self.embed_tokens = DecoupledEmbedding(config, rngs=rngs)
+        self.vision_model = VisionTransformer(config, rngs=rngs)
+        self.perceiver_resampler = PerceiverResampler(config, rngs=rngs) if config.use_resampler else None
+        self.blocks = L.stack(lambda r: Block(config, rngs=r), config.num_blocks, rngs)
+        self.norm = L.RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=config.param_dtype)
+        self.lm_head = None if config.tie_word_embeddings else DecoupledHead(config, rngs=rngs)
+
+    def image_states(self, pixel_values: jax.Array) -> jax.Array:
+        """pixel_values [B, N, C, H, W] → what the cross-attention reads, [B, N*S, E_vision] (compute dtype).
+
+        S = perceiver latents when `use_resampler`, else ViT patches + CLS.
+        """
+        b, n = pixel_values.shape[:2]
+        x = self.vision_model(pixel_values.reshape(b * n, *pixel_values.shape[2:]))
+        if self.perceiver_resampler is not None:
+            x = self.perceiver_resampler(x)
+        return x.reshape(b, n * x.shape[1], x.shape[2])
+
+    def __call__(self, input_ids: Any, pixel_values: Any = None, image_attention_mask: Any = None,
+                 attention_mask: Any = None, position_ids: Any = None, segment_ids: Any = None) -> jax.Array:
+        """Logits for a batch, accepting HF's layouts (numpy or jax arrays).
+
+        input_ids int [B, T]; pixel_values float [B, N, C, H, W] or None (text only);
+        image_attention_mask int/bool [B, T, N] (token t may see image n; required with pixel_values);
+        attention_mask int/bool [B, T] (1 = real token, default all ones; left padding as HF);
+        position_ids int [B, T] (default HF's: cumsum(attention_mask) - 1, 1 on padding);
+        segment_ids int [B, T] (packed sequences: self-attention stays within equal ids; default none).
+        Returns float32 logits [B, T, vocab_size + additional_vocab_size].
+        """
+        cfg = self.config
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids has shape {input_ids.shape}; expected [batch, seq_len]")
+        b, t = input_ids.shape
+        attention_mask = (jnp.ones((b, t), bool) if attention_mask is None
+                          else _check_shape(attention_mask, (b, t), "attention_mask").astype(bool))
+        if position_ids is None:
+            position_ids = jnp.where(attention_mask, jnp.cumsum(attention_mask, axis=-1) - 1, 1)
+        else:
+            position_ids = _check_shape(position_ids, (b, t), "position_ids")
+
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        mask = causal[None, None] & attention_mask[:, None, None, :]
+        if segment_ids is not None:
+            seg = _check_shape(segment_ids, (b, t), "segment_ids")
+            mask = mask & (seg[:, None, :, None] == seg[:, None, None, :])
+
+        image_states = image_mask = None
+        if pixel_values is not None:
+            pixel_values = jnp.asarray(pixel_values)
+            if pixel_values.ndim != 5 or pixel_values.shape[0] != b:
+                raise ValueError(f"pixel_values has shape {pixel_values.shape}; expected [{b}, num_images, C, H, W]")
+            if image_attention_mask is None:
+                raise ValueError("image_attention_mask [batch, seq_len, num_images] is required with pixel_values")
+            n = pixel_values.shape[1]
+            iam = _check_shape(image_attention_mask, (b, t, n), "image_attention_mask").astype(bool)
+            image_states = sharding.constrain(self.image_states(pixel_values), HIDDEN)
+            seq_per_image = image_states.shape[1] // n
+            image_mask = jnp.repeat(iam, seq_per_image, axis=-1)[:, None]
+
+        h = sharding.constrain(self.embed_tokens(input_ids), HIDDEN)
+        cos, sin = L.rotary(position_ids, cfg.head_dim, cfg.rope_theta)
+        h = L.scan(self.blocks, lambda blk, x: blk(x, image_states, image_mask, cos, sin, mask), h, "none")
+        h = self.norm(h)
+        if self.lm_head is not None:
+            return self.lm_head(h)
+        emb = self.embed_tokens
+        extra = None if emb.additional_embedding is None else emb.additional_embedding[...].T
+        return _logits(h, emb.weight[...].T, extra, emb.dtype)
+
+
+def _check_shape(x: Any, shape: tuple[int, ...], name: str) -> jax.Array:
+    x = jnp.asarray(x)
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {shape}")
+    return x
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a tree of arrays / ShapeDtypeStructs / nnx Variables."""
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
