@@ -217,7 +217,8 @@ class IdeficsConfig:
         eos = d.get("eos_token_id", 2)
         if isinstance(eos, (list, tuple)):
             eos = eos[0]
-        kw = _known(cls, d)
+        # HF's "dtype" is the storage dtype of its weights, not our compute dtype.
+        kw = {k: v for k, v in _known(cls, d).items() if k not in ("dtype", "param_dtype", "remat")}
         kw.update(
             rope_theta=float(theta),
             eos_token_id=eos,

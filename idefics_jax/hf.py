@@ -317,3 +317,20 @@ def load_state(config: IdeficsConfig, reader: HFReader, mesh: Any = None, rules:
         if on_tensor is not None:
             on_tensor(entry)
     return graphdef, state
+
+
+class StateDictReader:
+    """`HFReader`'s interface over an in-memory state dict (torch tensors or numpy arrays)."""
+
+    def __init__(self, state_dict: Mapping[str, Any], where: str = "state_dict"):
+        self._sd = state_dict
+        self.dir = where
+
+    def keys(self) -> list[str]:
+        return list(self._sd)
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._sd:
+            raise CheckpointError(f"{self.dir}: tensor {name!r} is missing")
+        t = self._sd[name]
+        return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
