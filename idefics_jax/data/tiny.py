@@ -329,12 +329,14 @@ def config(out_dir: str | None = None) -> ml_collections.ConfigDict:
     p = ensure(out_dir)
     cfg = default_config()
     cfg.tokenizer_path = p["tokenizer"]
-    cfg.datasets = [
-        {"name": "obelics_parquet", "kind": "documents", "paths": p["obelics"], "weight": 0.4},
-        {"name": "docs_tar", "kind": "documents", "paths": p["docs_tar"], "weight": 0.2},
-        {"name": "pairs_tar", "kind": "pairs", "paths": p["pairs_tar"], "weight": 0.2},
-        {"name": "pairs_parquet", "kind": "pairs", "paths": p["pairs_parquet"], "weight": 0.2},
-    ]
+    cfg.datasets = ml_collections.ConfigDict(
+        {
+            "docs_parquet": {"kind": "documents", "paths": p["obelics"], "weight": 0.4},
+            "docs_tar": {"kind": "documents", "paths": p["docs_tar"], "weight": 0.2},
+            "pairs_parquet": {"kind": "pairs", "paths": p["pairs_parquet"], "weight": 0.2},
+            "pairs_tar": {"kind": "pairs", "paths": p["pairs_tar"], "weight": 0.2},
+        }
+    )
     cfg.seq_len = 64
     cfg.max_num_images = 3
     cfg.image_size = 30
