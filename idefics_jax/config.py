@@ -251,7 +251,7 @@ class IdeficsConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "IdeficsConfig":
         """Inverse of `to_dict`; also accepts an ml_collections ConfigDict."""
-        d = dict(d)
+        d = d.to_dict() if hasattr(d, "to_dict") else dict(d)
         kw = _known(cls, d)
         kw["vision"] = VisionConfig(**_known(VisionConfig, dict(d.get("vision", {}))))
         kw["perceiver"] = PerceiverConfig(**_known(PerceiverConfig, dict(d.get("perceiver", {}))))

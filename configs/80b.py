@@ -1,0 +1,20 @@
+"""IDEFICS-80B: LLaMA-65B + ViT-H/14, a gated cross-attention block every 4 layers (published config),
+laid out for 64 nodes x 8 A100-80GB.
+
+    python -m idefics_jax.plan --config configs/80b.py
+
+Layout: fsdp=64 (FSDP across nodes) x tensor=8 (Megatron tensor parallelism over NVLink).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+
+def get_config():
+    c = common.base(common.published(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
+                                     num_attention_heads=64, rms_norm_eps=1e-5))
+    c.mesh.fsdp, c.mesh.tensor = 64, 8
+    return c
