@@ -97,6 +97,7 @@ def window(
     scores = np.ones(len(t))
     for p in starts:
         scores[max(0, p - int(BONUS_SPAN * seq_len)) : p + 1] += IMAGE_BONUS
+    for p in starts:  # after all bonuses: a bonus span may cover an earlier image's tokens
         scores[p + 1] = 0  # the <image> token
         if p + 2 < len(t) and not (p + 3 < len(t) and t[p + 3] == ids.image):
             scores[p + 2] = 0  # a closing <fake> (unless it opens the next image)

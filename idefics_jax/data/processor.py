@@ -61,7 +61,9 @@ def load_tokenizer(path: str):
     vocab = tok.get_vocab()
     missing = [t for t in (FAKE_TOKEN, IMAGE_TOKEN) if t not in vocab]
     if missing:
-        tok.add_special_tokens({"additional_special_tokens": missing}, replace_additional_special_tokens=False)
+        # add_tokens(special_tokens=True) behaves the same in transformers 4 and 5 (add_special_tokens'
+        # keyword for keeping existing extra tokens was renamed between them).
+        tok.add_tokens(missing, special_tokens=True)
     if tok.bos_token_id is None or tok.eos_token_id is None:
         raise ValueError(f"tokenizer {path}: needs bos_token and eos_token (got {tok.bos_token!r}, {tok.eos_token!r})")
     return tok
