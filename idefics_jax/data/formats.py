@@ -29,11 +29,12 @@ absolute path the pipeline reads). Nothing here decodes images or tokenizes.
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
-import functools
 import glob
 import os
 import tarfile
+import threading
 
 import numpy as np
 
@@ -103,15 +104,25 @@ class ParquetShard:
         return int(self.starts[-1])
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_file"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_file", "_cache", "_lock")}
 
-    @functools.lru_cache(maxsize=4)
     def _row_group(self, rg: int) -> dict:
+        """Row group `rg` as python lists; the last few are kept (reader threads share them)."""
         import pyarrow.parquet as pq
 
-        if not hasattr(self, "_file"):
-            self._file = pq.ParquetFile(self.path)
-        return self._file.read_row_group(rg, columns=list(self.columns)).to_pydict()
+        if "_lock" not in self.__dict__:
+            self.__dict__.setdefault("_lock", threading.Lock())
+        with self._lock:
+            cache = self.__dict__.setdefault("_cache", collections.OrderedDict())
+            if rg in cache:
+                cache.move_to_end(rg)
+                return cache[rg]
+            if "_file" not in self.__dict__:
+                self._file = pq.ParquetFile(self.path)
+            rows = cache[rg] = self._file.read_row_group(rg, columns=list(self.columns)).to_pydict()
+            if len(cache) > 4:
+                cache.popitem(last=False)
+            return rows
 
     def __getitem__(self, i: int) -> RawExample:
         rg = int(np.searchsorted(self.starts, i, side="right")) - 1
@@ -183,20 +194,20 @@ class TarShard:
         return self._n
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_idx", "_fh", "_pid")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_idx", "_fd", "_pid")}
 
     def _index(self) -> dict[str, np.ndarray]:
-        if not hasattr(self, "_idx"):
+        if "_idx" not in self.__dict__:
             self._idx = _tar_index(self.path)
         return self._idx
 
     def _read(self, offset: int, size: int) -> bytes:
-        # One handle per process: a handle inherited through fork would share its file position.
-        if getattr(self, "_pid", None) != os.getpid():
-            self._fh = open(self.path, "rb")
+        # pread: no shared file position, so reader threads need no lock; one descriptor per
+        # process (pid check) so that a forked worker does not use its parent's.
+        if self.__dict__.get("_pid") != os.getpid():
+            self._fd = os.open(self.path, os.O_RDONLY)
             self._pid = os.getpid()
-        self._fh.seek(offset)
-        return self._fh.read(size)
+        return os.pread(self._fd, size, offset)
 
     def __getitem__(self, i: int) -> RawExample:
         idx = self._index()

@@ -420,7 +420,8 @@ class Pipeline:
         [process_index · B/P, (process_index+1) · B/P) of every step.
 
     Use `next(pipeline)` (or iterate) for consecutive steps from `state()["step"]` with Grain
-    workers, `batch(step)` for one step built in this process. Batches are dicts of numpy arrays,
+    workers, `batch(step)` for one step built in this process. Workers are spawned processes: the
+    program's entry point needs the usual `if __name__ == "__main__":` guard. Batches are dicts of numpy arrays,
     B = global_batch_size / process_count rows:
       input_ids, attention_mask, position_ids, segment_ids: int32 [B, T];
       pixel_values float32 [B, N, 3, S, S] (zeros in unused slots);
@@ -462,6 +463,12 @@ class Pipeline:
             )
         )
         if self.cfg.worker_count > 0:
+            from absl import flags
+
+            # Grain's workers read absl flags; a program that does not run absl.app (pytest, a
+            # notebook, our CLI) has not parsed them, and the defaults are what we want.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
             it = it.mp_prefetch(
                 grain.MultiprocessingOptions(
                     num_workers=self.cfg.worker_count, per_worker_buffer_size=self.cfg.prefetch_batches
@@ -477,7 +484,9 @@ class Pipeline:
         raises RuntimeError when a dataset's skip rate passes data.max_skip_fraction."""
         if self._iter is None:
             self._iter = self._dataset(self._step)
-        out = next(self._iter)
+        # A copy out of Grain's shared memory (≈ one batch of pixels, negligible beside a train
+        # step) so that batches the caller keeps do not pin worker buffers.
+        out = {k: np.array(v) for k, v in next(self._iter).items()}
         np.add.at(self._counters, out["dataset_id"], out.pop("stats"))
         self._step += 1
         self._check_skips()
@@ -511,7 +520,7 @@ class Pipeline:
 
     def restore(self, state: dict) -> None:
         """Continues from a `state()`; counters of datasets no longer configured are dropped."""
-        self._close()
+        self.close()
         self._step = int(state["step"])
         self._counters[:] = 0
         for d, name in enumerate(self.dataset_names):
@@ -519,7 +528,8 @@ class Pipeline:
                 if c in _C:
                     self._counters[d, _C[c]] = v
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Stops the Grain workers (a later `next()` starts them again from `state()["step"]`)."""
         it, self._iter = self._iter, None
         if it is not None and hasattr(it, "close"):
             it.close()

@@ -21,8 +21,8 @@ trained on is what the processor feeds it at inference.
 
 from __future__ import annotations
 
-import functools
 import io
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -69,10 +69,20 @@ def load_tokenizer(path: str):
     return tok
 
 
-@functools.lru_cache(maxsize=4)
+_tokenizers: dict = {}
+_tokenizers_lock = threading.Lock()
+
+
 def cached_tokenizer(path: str):
-    """`load_tokenizer(path)`, loaded once per process (Grain workers call this lazily)."""
-    return load_tokenizer(path)
+    """`load_tokenizer(path)`, loaded once per process. Grain workers call this lazily from several
+    threads at once, and transformers' lazy imports are not safe to race, hence the lock."""
+    tok = _tokenizers.get(path)
+    if tok is None:
+        with _tokenizers_lock:
+            tok = _tokenizers.get(path)
+            if tok is None:
+                tok = _tokenizers[path] = load_tokenizer(path)
+    return tok
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
