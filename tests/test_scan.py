@@ -1,0 +1,63 @@
+"""Depth by scan: compile time does not grow with depth, and remat policies keep the function."""
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from idefics_jax.config import IdeficsConfig, PerceiverConfig, VisionConfig
+from idefics_jax.models import Idefics
+
+
+def _config(layers: int, vision_layers: int | None = None, depth: int = 6, **kw) -> IdeficsConfig:
+    return IdeficsConfig(
+        vocab_size=128, additional_vocab_size=2, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=layers, num_attention_heads=4, cross_layer_interval=4, qk_layer_norms=True,
+        use_resampler=True,
+        vision=VisionConfig(embed_dim=32, image_size=16, intermediate_size=64, patch_size=8,
+                            num_hidden_layers=vision_layers or layers, num_attention_heads=4),
+        perceiver=PerceiverConfig(resampler_n_latents=4, resampler_depth=depth, resampler_n_heads=4,
+                                  resampler_head_dim=8), **kw)
+
+
+def _compile_seconds(config: IdeficsConfig) -> float:
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Idefics(config, rngs=nnx.Rngs(0))))
+    b, t, n = 2, 64, 2
+    args = (jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, n, 3, 16, 16), jnp.float32),
+            jax.ShapeDtypeStruct((b, t, n), jnp.int32))
+
+    def forward(state, ids, pixels, iam):
+        return nnx.merge(graphdef, state)(ids, pixels, iam)
+
+    start = time.perf_counter()
+    jax.jit(forward).lower(state, *args).compile()
+    return time.perf_counter() - start
+
+
+def test_80_layers_compile_about_as_fast_as_8():
+    # Best of two, so one scheduler hiccup on a 2-core machine does not decide the test.
+    shallow = min(_compile_seconds(_config(8)) for _ in range(2))
+    deep = min(_compile_seconds(_config(80)) for _ in range(2))
+    assert deep <= 1.5 * shallow, (deep, shallow)
+
+
+@functools.lru_cache(maxsize=None)
+def _remat_grads(remat: str):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 130, (2, 16))
+    pixels = rng.standard_normal((2, 1, 3, 16, 16)).astype(np.float32)
+    iam = np.ones((2, 16, 1), np.int32)
+    model = Idefics(_config(8, vision_layers=2, depth=2, remat=remat, alpha_initializer="ones"), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(ids, pixels, iam) ** 2)
+    return jax.jit(jax.grad(loss))(state)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "minimal"])
+def test_remat_policies_give_the_same_gradients(policy):
+    for a, b in zip(jax.tree.leaves(_remat_grads("none")), jax.tree.leaves(_remat_grads(policy))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
