@@ -2,6 +2,7 @@
 
 Public entry points:
 - `from_hf(path)`: the model loaded from an HF IDEFICS directory (config.json + safetensors).
+- `load(ckpt_dir, step=None)`: the model restored from one of our Orbax checkpoints.
 - `Idefics`, `IdeficsConfig`: the module and its config.
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from flax import nnx
 
+from idefics_jax.checkpoint import load
 from idefics_jax.config import IdeficsConfig, PerceiverConfig, VisionConfig
 from idefics_jax.models import Idefics
 
@@ -31,4 +33,4 @@ def from_hf(path: str | os.PathLike, *, mesh: Any = None, rules: Any = None, **c
     return nnx.merge(graphdef, state)
 
 
-__all__ = ["Idefics", "IdeficsConfig", "PerceiverConfig", "VisionConfig", "from_hf"]
+__all__ = ["Idefics", "IdeficsConfig", "PerceiverConfig", "VisionConfig", "from_hf", "load"]
