@@ -12,6 +12,7 @@ writes under OUT_DIR
     docs_tar/docs-00000.tar       m4 WebDataset documents ({id}.{i}.text.txt / {id}.{i}.image.jpeg)
     pairs_tar/pairs-00000.tar     m4 WebDataset pairs ({id}.image.jpeg + {id}.text.txt)
     pairs_parquet/pairs-00000.parquet  pairs as parquet (image bytes, text)
+    heldout/{docs,pairs}-00000.parquet  a held-out split (new documents and pairs) for evaluation
 
 Every image is a coloured shape on a plain background and every caption / following sentence names
 the colour and the shape, so a model trained on it can only lower its loss on those words by
@@ -35,7 +36,7 @@ import ml_collections
 from PIL import Image, ImageDraw
 
 # Bumped whenever the generated content changes, so stale caches are rebuilt.
-_VERSION = "1"
+_VERSION = "2"
 TINY_VOCAB_SIZE = 512  # base vocabulary; the two image tokens come right after it
 
 COLOURS = {
@@ -78,6 +79,7 @@ _FILLER = (
 N_DOCS_PARQUET = 60  # per parquet shard (two shards)
 N_DOCS_TAR = 60
 N_PAIRS = 200  # per pair format
+N_HELDOUT = 40  # documents and pairs each, in the held-out split
 
 
 def draw(rng: random.Random, size: tuple[int, int] | None = None) -> tuple[Image.Image, dict]:
@@ -262,6 +264,18 @@ def generate(out_dir: str, seed: int = 0) -> dict[str, str]:
         row_group_size=16,
     )
 
+    # Drawn after every training example, so the training split is unchanged by its existence.
+    heldout = os.path.join(out_dir, "heldout")
+    os.makedirs(heldout, exist_ok=True)
+    _write_docs_parquet(os.path.join(heldout, "docs-00000.parquet"), [_document(rng) for _ in range(N_HELDOUT)],
+                        None, first_id=10**6)
+    pairs = [_pair(rng) for _ in range(N_HELDOUT)]
+    pq.write_table(
+        pa.table({"image": pa.array([p[0] for p in pairs], pa.binary()), "text": [p[1] for p in pairs]}),
+        os.path.join(heldout, "pairs-00000.parquet"),
+        row_group_size=16,
+    )
+
     # Every template with every word, so the BPE has enough material for its merges.
     corpus += [
         t.format(c=c, s=s, b=b)
@@ -284,6 +298,8 @@ def paths(out_dir: str) -> dict[str, str]:
         "docs_tar": os.path.join(out_dir, "docs_tar", "*.tar"),
         "pairs_tar": os.path.join(out_dir, "pairs_tar", "*.tar"),
         "pairs_parquet": os.path.join(out_dir, "pairs_parquet", "*.parquet"),
+        "heldout_docs": os.path.join(out_dir, "heldout", "docs-*.parquet"),
+        "heldout_pairs": os.path.join(out_dir, "heldout", "pairs-*.parquet"),
     }
 
 
@@ -321,22 +337,30 @@ def ensure(out_dir: str | None = None) -> dict[str, str]:
     return paths(out_dir)
 
 
-def config(out_dir: str | None = None) -> ml_collections.ConfigDict:
-    """A complete `data` config over the tiny dataset (built by `ensure(out_dir)`): all four
-    formats mixed, seq_len 64, 3 images per sequence, 30-pixel images, global batch 8."""
+def config(out_dir: str | None = None, split: str = "train") -> ml_collections.ConfigDict:
+    """A complete `data` config over the tiny dataset (built by `ensure(out_dir)`): seq_len 64,
+    3 images per sequence, 30-pixel images, global batch 8. split='train' mixes all four formats;
+    split='heldout' reads the held-out documents and pairs (same tokenizer)."""
     from idefics_jax.data.pipeline import default_config
 
     p = ensure(out_dir)
     cfg = default_config()
     cfg.tokenizer_path = p["tokenizer"]
-    cfg.datasets = ml_collections.ConfigDict(
-        {
+    if split == "train":
+        datasets = {
             "docs_parquet": {"kind": "documents", "paths": p["obelics"], "weight": 0.4},
             "docs_tar": {"kind": "documents", "paths": p["docs_tar"], "weight": 0.2},
             "pairs_parquet": {"kind": "pairs", "paths": p["pairs_parquet"], "weight": 0.2},
             "pairs_tar": {"kind": "pairs", "paths": p["pairs_tar"], "weight": 0.2},
         }
-    )
+    elif split == "heldout":
+        datasets = {
+            "docs_parquet": {"kind": "documents", "paths": p["heldout_docs"], "weight": 0.5},
+            "pairs_parquet": {"kind": "pairs", "paths": p["heldout_pairs"], "weight": 0.5},
+        }
+    else:
+        raise ValueError(f"tiny dataset split={split!r}; expected 'train' or 'heldout'")
+    cfg.datasets = ml_collections.ConfigDict(datasets)
     cfg.seq_len = 64
     cfg.max_num_images = 3
     cfg.image_size = 30
