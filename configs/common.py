@@ -1,15 +1,19 @@
 """Shared defaults for every config file (model architecture aside).
 
 A config is a Python file with `get_config()` returning an `ml_collections.ConfigDict` with sections:
-`model` (the fields of `idefics_jax.config.IdeficsConfig`, nested `vision` / `perceiver`),
-`mesh` ({data, fsdp, tensor}; one -1 takes the remaining devices) and `sharding_rules` (None = the
-default table in `idefics_jax.sharding`).
+- `model`: the fields of `idefics_jax.config.IdeficsConfig` (nested `vision` / `perceiver`);
+- `mesh`: {data, fsdp, tensor}; one -1 takes the remaining devices;
+- `sharding_rules`: None = the default table in `idefics_jax.sharding`, or [[logical, mesh axes], ...];
+- `data` / `eval_data`: `idefics_jax.data.default_config()` sections (eval_data None = no eval);
+- `train`: see `train_section()`;
+- `seed`, `workdir` (None: --workdir is required; the tiny config sets a default).
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from idefics_jax import data
 from idefics_jax.config import IdeficsConfig, PerceiverConfig, VisionConfig
 
 
@@ -44,11 +48,57 @@ def published(hidden_size: int, intermediate_size: int, num_hidden_layers: int, 
     )
 
 
+def train_section() -> ml_collections.ConfigDict:
+    """Defaults of the `train` section (the 9b/80b recipe's optimizer numbers are set there)."""
+    return ml_collections.ConfigDict(dict(
+        steps=1000,
+        micro_batches=1,          # gradient accumulation: global batch = micro_batches × micro-batch
+        z_loss=1e-3,              # coefficient of logsumexp² on target tokens
+        init_from=ml_collections.FieldReference(None, field_type=str),  # checkpoint dir (convert_weights)
+        optimizer=dict(lr=1e-4, end_lr=1e-5, warmup_steps=100, decay_steps=1000, b1=0.9, b2=0.999,
+                       eps=1e-8, weight_decay=0.1, clip_norm=1.0),
+        checkpoint_every=250,
+        keep_checkpoints=3,       # newest kept
+        keep_period=0,            # steps that are multiples of this are kept forever (0 = none)
+        async_checkpointing=True,
+        eval_every=0,             # 0 = no eval
+        eval_steps=4,
+        log_every=10,
+        peak_flops_per_device=312e12,  # for MFU: A100 bf16 dense
+        guards=dict(
+            max_nonfinite_in_a_row=5,
+            spike_action="skip",  # none | skip (drop the update) | rollback (to last ckpt + skip data)
+            spike_window=100,     # losses in the rolling window
+            spike_sigmas=6.0,     # spike: loss > mean + k·σ of the window
+            rollback_skip_steps=200,
+            max_rollbacks=10,
+        ),
+        debug=dict(loss_scale_at_steps=[]),  # [[step, scale], ...]: fault injection for tests
+    ))
+
+
+def web_mixture(c: ml_collections.ConfigDict, root: str = "/data/idefics") -> None:
+    """IDEFICS's training mixture (OBELICS 73.85%, LAION 17.18%, Wikipedia 6.15%, PMD 2.82%) at
+    placeholder paths under `root`; override with --config.data.datasets.NAME.paths=..."""
+    c.data.tokenizer_path = f"{root}/tokenizer"
+    c.data.datasets = ml_collections.ConfigDict({
+        "obelics": dict(kind="documents", paths=f"{root}/obelics/*.parquet", weight=73.85),
+        "laion": dict(kind="pairs", paths=f"{root}/laion/*.tar", weight=17.18),
+        "wikipedia": dict(kind="documents", paths=f"{root}/wikipedia/*.parquet", weight=6.15),
+        "pmd": dict(kind="pairs", paths=f"{root}/pmd/*.tar", weight=2.82),
+    })
+    c.data.seq_len, c.data.max_num_images, c.data.image_size = 1024, 5, 224
+
+
 def base(model: IdeficsConfig) -> ml_collections.ConfigDict:
     """The config skeleton around `model`."""
     c = ml_collections.ConfigDict()
     c.model = model_section(model)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.sharding_rules = ml_collections.FieldReference(None, field_type=list)
+    c.data = data.default_config()
+    c.eval_data = ml_collections.FieldReference(None, field_type=ml_collections.ConfigDict)
+    c.train = train_section()
     c.seed = 0
+    c.workdir = ml_collections.FieldReference(None, field_type=str)
     return c

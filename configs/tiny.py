@@ -1,9 +1,11 @@
-"""Tiny IDEFICS for this CPU: every feature of the real model at toy size, fp32.
+"""Tiny IDEFICS for this CPU: every feature of the real model at toy size, fp32, trained on the
+bundled tiny dataset (generated on first use, a few seconds).
 
-    python -m idefics_jax --config configs/tiny.py
+    python -m idefics_jax.train --config configs/tiny.py
 
-runs one forward pass on a random batch and prints the logits' shape and timing (the trainer,
-`python -m idefics_jax.train --config configs/tiny.py`, replaces this once it exists).
+trains 300 steps in about a minute and a half on 2 CPU cores (workdir ./workdir/tiny unless
+--workdir is given): the loss falls from ~6.3 (uniform over 514 tokens) to well under 2, with a
+held-out evaluation every 100 steps and a checkpoint every 100 steps.
 """
 
 import os
@@ -13,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 from idefics_jax.config import IdeficsConfig, PerceiverConfig, VisionConfig  # noqa: E402
+from idefics_jax.data import tiny  # noqa: E402
 
 
 def get_config():
@@ -29,4 +32,16 @@ def get_config():
     )
     c = common.base(model)
     c.mesh.fsdp = -1
+    c.data = tiny.config()
+    c.data.image_size = model.vision.image_size
+    c.eval_data = tiny.config(split="heldout")
+    c.eval_data.image_size = model.vision.image_size
+    c.train.steps = 300
+    c.train.optimizer.update(lr=3e-3, end_lr=3e-4, warmup_steps=20, decay_steps=300, weight_decay=0.0)
+    c.train.checkpoint_every = 100
+    c.train.eval_every = 100
+    c.train.log_every = 20
+    c.train.guards.spike_window = 20
+    c.train.peak_flops_per_device = 1e11  # rough fp32 peak of a 2-core CPU, for the MFU column
+    c.workdir = "workdir/tiny"
     return c

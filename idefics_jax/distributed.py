@@ -1,0 +1,72 @@
+"""`jax.distributed` initialisation from the launcher's environment; a no-op for one process.
+
+Sources, first match wins:
+1. explicit: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES, JAX_PROCESS_ID
+   (launch/local.py sets these);
+2. SLURM: SLURM_NTASKS > 1 with SLURM_PROCID and SLURM_NODELIST (coordinator = first node of the
+   list, port JAX_COORDINATOR_PORT or 8476; one task per node driving its 8 GPUs);
+3. SageMaker: SM_HOSTS (JSON list) and SM_CURRENT_HOST (coordinator = first host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Mapping
+
+DEFAULT_PORT = 8476
+
+
+def first_host(nodelist: str) -> str:
+    """First hostname of a SLURM node list, e.g. 'gpu[003-005,010],cpu1' → 'gpu003'."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"SLURM_NODELIST={nodelist!r}: cannot read a host name from it")
+    prefix, _, ranges = m.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def settings(env: Mapping[str, str] | None = None) -> dict | None:
+    """{coordinator_address, num_processes, process_id} from the environment, or None (one process)."""
+    env = os.environ if env is None else env
+    port = int(env.get("JAX_COORDINATOR_PORT", DEFAULT_PORT))
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
+        if missing:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not")
+        found = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                     num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
+    elif int(env.get("SLURM_NTASKS", "1")) > 1:
+        if "SLURM_NODELIST" not in env or "SLURM_PROCID" not in env:
+            raise ValueError("SLURM_NTASKS > 1 but SLURM_NODELIST or SLURM_PROCID is missing")
+        found = dict(coordinator_address=f"{first_host(env['SLURM_NODELIST'])}:{port}",
+                     num_processes=int(env["SLURM_NTASKS"]), process_id=int(env["SLURM_PROCID"]))
+    elif "SM_HOSTS" in env:
+        hosts = json.loads(env["SM_HOSTS"])
+        if len(hosts) <= 1:
+            return None
+        current = env.get("SM_CURRENT_HOST")
+        if current not in hosts:
+            raise ValueError(f"SM_CURRENT_HOST={current!r} is not in SM_HOSTS={hosts}")
+        found = dict(coordinator_address=f"{sorted(hosts)[0]}:{port}", num_processes=len(hosts),
+                     process_id=sorted(hosts).index(current))
+    else:
+        return None
+    if found["num_processes"] <= 1:
+        return None
+    if not 0 <= found["process_id"] < found["num_processes"]:
+        raise ValueError(f"process id {found['process_id']} not in [0, {found['num_processes']})")
+    return found
+
+
+def initialize() -> None:
+    """Initialises jax.distributed when the environment describes several processes."""
+    found = settings()
+    if found is None:
+        return
+    import jax
+
+    jax.distributed.initialize(**found)

@@ -1,0 +1,269 @@
+"""The training loop: start or resume, step, guard, log, evaluate, checkpoint, stop cleanly.
+
+One code path for configs/tiny.py on one CPU device and configs/80b.py on 512 GPUs.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from idefics_jax import checkpoint as fmt
+from idefics_jax import data as data_lib
+from idefics_jax import sharding
+from idefics_jax.config import IdeficsConfig
+from idefics_jax.train import state as state_lib
+from idefics_jax.train.checkpoint import Checkpointer
+from idefics_jax.train.metrics import Writer, model_flops_per_step
+from idefics_jax.train.step import make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (too many non-finite steps or rollbacks); the message says why."""
+
+
+class Guards:
+    """Host-side guard state: the loss window for spike detection, the run of non-finite steps,
+    counters and the data ranges skipped by rollbacks. Saved in every checkpoint (JSON)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, saved: dict | None = None):
+        self.cfg = cfg
+        saved = saved or {}
+        self.window = collections.deque(saved.get("window", []), maxlen=int(cfg.spike_window))
+        self.nonfinite_run = int(saved.get("nonfinite_run", 0))
+        self.counts = {k: int(saved.get("counts", {}).get(k, 0))
+                       for k in ("nonfinite_steps", "spike_steps", "rollbacks", "skipped_data_steps")}
+        self.rollback_skips = [list(map(int, r)) for r in saved.get("rollback_skips", [])]
+
+    def threshold(self) -> float:
+        """Loss above which a step counts as a spike: mean + k·σ of the window (inf until it is full)."""
+        if self.cfg.spike_action == "none" or len(self.window) < self.window.maxlen:
+            return math.inf
+        w = np.asarray(self.window, np.float64)
+        return float(w.mean() + self.cfg.spike_sigmas * w.std())
+
+    def observe(self, loss: float, nonfinite: bool, spike: bool) -> None:
+        if nonfinite:
+            self.nonfinite_run += 1
+            self.counts["nonfinite_steps"] += 1
+            if self.nonfinite_run >= self.cfg.max_nonfinite_in_a_row:
+                raise TrainingStopped(
+                    f"{self.nonfinite_run} steps in a row had a non-finite loss or gradient "
+                    f"(train.guards.max_nonfinite_in_a_row={self.cfg.max_nonfinite_in_a_row}); stopping. "
+                    "The last checkpoint is intact; lower the learning rate or skip the data range "
+                    "(data.skip_steps) and restart.")
+            return
+        self.nonfinite_run = 0
+        if spike:
+            self.counts["spike_steps"] += 1
+        else:
+            self.window.append(loss)
+
+    def state(self) -> dict:
+        return {"window": list(self.window), "nonfinite_run": self.nonfinite_run, "counts": dict(self.counts),
+                "rollback_skips": self.rollback_skips}
+
+    def rolled_back(self, saved: dict, skip: list[int]) -> None:
+        """Back to a checkpoint's window and run; counters keep counting; `skip` joins the skips."""
+        self.window = collections.deque(saved.get("window", []), maxlen=self.window.maxlen)
+        self.nonfinite_run = int(saved.get("nonfinite_run", 0))
+        self.counts["rollbacks"] += 1
+        self.counts["skipped_data_steps"] += skip[1] - skip[0]
+        self.rollback_skips = self.rollback_skips + [skip]
+
+
+def _data_config(base: ml_collections.ConfigDict, extra_skips: list[list[int]]) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict(base.to_dict())
+    cfg.skip_steps = sorted([list(r) for r in base.skip_steps] + [list(r) for r in extra_skips])
+    return cfg
+
+
+def _global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """This process's rows → global arrays sharded over the 'batch' logical axis."""
+    out = {}
+    for k, v in local.items():
+        spec = sharding.logical_to_spec(("batch",) + (None,) * (v.ndim - 1))
+        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v)
+    return out
+
+
+def _loss_scales(cfg: ml_collections.ConfigDict) -> dict[int, float]:
+    return {int(s): float(v) for s, v in cfg.debug.loss_scale_at_steps}
+
+
+def _init_from(path: str, lay: state_lib.Layout):
+    """Full params from a converted (or any) checkpoint whose model architecture equals ours."""
+    step, saved = fmt.read_config(path)
+    theirs = IdeficsConfig.from_dict(saved["model"])
+    ours = lay.model_config
+    keep = ("dtype", "param_dtype", "remat", "freeze_text_layers", "freeze_vision_layers", "freeze_lm_head",
+            "freeze_text_module_exceptions", "freeze_vision_module_exceptions")
+    if theirs.replace(**{k: getattr(ours, k) for k in keep}) != ours:
+        raise ValueError(f"train.init_from={path}: its model config differs from config.model "
+                         f"(ours {ours}, theirs {theirs})")
+    return fmt.restore_params(path, lay.abstract_params(), step, lay.params_shardings()), step
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) training in `workdir`; returns a summary {final_step, last_loss, ...}."""
+    tc = config.train
+    mesh = sharding.make_mesh(config.mesh)
+    lay = state_lib.layout(config, mesh)
+    writer = Writer(workdir)
+    ckpt = Checkpointer(workdir, tc)
+    gbs = int(config.data.global_batch_size)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if gbs % tc.micro_batches or (gbs // tc.micro_batches) % shards:
+        raise ValueError(f"data.global_batch_size={gbs} must split into train.micro_batches={tc.micro_batches} "
+                         f"micro-batches each divisible by the data×fsdp devices ({shards})")
+
+    latest = ckpt.latest_step()
+    meta: dict = {}
+    with jax.set_mesh(mesh), sharding.use_rules(lay.rules):
+        if latest is not None:
+            state, meta = ckpt.restore(latest, lay)
+            lr = float(lay.lr(meta["updates"]))
+            writer.console(f"resumed from checkpoint step {latest} in {ckpt.directory} "
+                           f"(updates applied {meta['updates']}, learning rate {lr:.3e}, "
+                           f"data step {meta['data']['step']})")
+        elif tc.init_from:
+            params, src_step = _init_from(tc.init_from, lay)
+            state = state_lib.init(lay, config.seed, params)
+            writer.console(f"initialised from {tc.init_from} (step {src_step})")
+        else:
+            state = state_lib.init(lay, config.seed)
+            writer.console(f"initialised at random (seed {config.seed})")
+
+    guards = Guards(tc.guards, meta.get("guards"))
+    pipe = data_lib.pipeline(_data_config(config.data, guards.rollback_skips), jax.process_index(),
+                             jax.process_count())
+    if meta:
+        pipe.restore(meta["data"])
+    names = pipe.dataset_names
+    train_step = make_train_step(lay, float(tc.z_loss), int(tc.micro_batches), len(names))
+    eval_step = eval_pipe = None
+    if config.get("eval_data") is not None and tc.eval_every:
+        eval_pipe = data_lib.pipeline(config.eval_data, jax.process_index(), jax.process_count())
+        eval_step = make_eval_step(lay, len(eval_pipe.dataset_names))
+
+    flops = model_flops_per_step(lay.model_config, gbs, int(config.data.seq_len), int(config.data.max_num_images))
+    peak = float(tc.peak_flops_per_device) * jax.device_count()
+    scales = _loss_scales(tc)
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+
+    def train_state_json(step: int, updates: int) -> dict:
+        return {"step": step, "updates": updates, "data": pipe.state(), "guards": guards.state(),
+                "seed": int(config.seed)}
+
+    step = int(meta.get("step", 0))
+    last: dict[str, Any] = {}
+    try:
+        while step < tc.steps:
+            t0 = time.perf_counter()
+            local = next(pipe)
+            t_data = time.perf_counter() - t0
+            with jax.set_mesh(mesh), sharding.use_rules(lay.rules):
+                batch = _global_batch(local, mesh)
+                state, m = train_step(state, batch, jnp.float32(guards.threshold()),
+                                      jnp.float32(scales.get(step, 1.0)))
+                m = jax.device_get(m)
+            step += 1
+            dt = time.perf_counter() - t0
+            loss = float(m["loss"])
+            guards.observe(loss, bool(m["nonfinite"]), bool(m["spike"]))
+            if bool(m["spike"]) and tc.guards.spike_action == "rollback":
+                rolled = _rollback(ckpt, lay, guards, pipe, tc, step, writer)
+                if rolled is not None:
+                    state, step, data_state = rolled
+                    pipe.close()
+                    pipe = data_lib.pipeline(_data_config(config.data, guards.rollback_skips),
+                                             jax.process_index(), jax.process_count())
+                    pipe.restore(data_state)
+                    continue
+            images = int(local["image_attention_mask"].any(axis=1).sum()) * jax.process_count()
+            real = int(local["attention_mask"].sum()) * jax.process_count()
+            last = {
+                "loss": loss, "z_loss": float(m["z_loss"]), "grad_norm": float(m["grad_norm"]),
+                "lr": float(m["lr"]), "step_time": dt, "data_time": t_data,
+                "tokens_per_s": real / dt, "images_per_s": images / dt, "mfu": flops / dt / peak,
+                "applied": bool(m["applied"]), "guards": dict(guards.counts),
+                "loss_by_dataset": {n: float(m["ds_loss_sum"][i] / m["ds_tokens"][i])
+                                    for i, n in enumerate(names) if m["ds_tokens"][i] > 0},
+            }
+            if step % tc.log_every == 0 or step == tc.steps:
+                last["data"] = pipe.counters()
+                writer.console(f"step {step}/{tc.steps} | loss {loss:.4f} | lr {last['lr']:.2e} | "
+                               f"grad norm {last['grad_norm']:.3f} | {last['tokens_per_s']:.0f} tok/s | "
+                               f"{last['images_per_s']:.0f} img/s | mfu {100 * last['mfu']:.1f}% | "
+                               f"skipped {guards.counts['nonfinite_steps'] + guards.counts['spike_steps']}")
+            writer.write(step, last)
+            if eval_step is not None and step % tc.eval_every == 0:
+                writer.write(step, {"eval": _evaluate(eval_step, eval_pipe, state, mesh, lay, int(tc.eval_steps))})
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                ckpt.save(step, state, train_state_json(step, int(state["updates"])), config)
+            if stop["signal"] is not None:
+                ckpt.save(step, state, train_state_json(step, int(state["updates"])), config)
+                ckpt.wait()
+                writer.console(f"received signal {stop['signal']}: saved checkpoint at step {step}, exiting")
+                break
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ckpt.close()
+        pipe.close()
+        writer.close()
+    return {"final_step": step, "last_loss": last.get("loss"), "checkpoints": ckpt.all_steps(),
+            "stopped_by_signal": stop["signal"] is not None}
+
+
+def _evaluate(eval_step, pipe, state, mesh, lay, steps: int) -> dict[str, Any]:
+    tot = ds_loss = ds_tok = loss = 0.0
+    for i in range(steps):
+        with jax.set_mesh(mesh), sharding.use_rules(lay.rules):
+            m = jax.device_get(eval_step(state, _global_batch(pipe.batch(i), mesh)))
+        loss, tot = loss + float(m["loss_sum"]), tot + float(m["tokens"])
+        ds_loss, ds_tok = ds_loss + m["ds_loss_sum"], ds_tok + m["ds_tokens"]
+    out = {"loss": loss / max(tot, 1.0)}
+    out.update({f"loss/{n}": float(ds_loss[i] / ds_tok[i]) for i, n in enumerate(pipe.dataset_names)
+                if ds_tok[i] > 0})
+    return out
+
+
+def _rollback(ckpt: Checkpointer, lay, guards: Guards, pipe, tc, step: int, writer):
+    """Loss spike with spike_action='rollback': back to the newest checkpoint and skip data.
+
+    The data skipped starts at the checkpoint's data step and covers `rollback_skip_steps` steps, and
+    at least through the spiking batch, so the replay never sees it again. Returns (state, step,
+    data state) of the checkpoint, or None when there is no checkpoint yet (the spiking update was
+    skipped in the step; training goes on).
+    """
+    ckpt.wait()
+    target = ckpt.latest_step()
+    if target is None:
+        writer.console(f"loss spike at step {step}: no checkpoint to roll back to yet; the update was skipped")
+        return None
+    if guards.counts["rollbacks"] >= tc.guards.max_rollbacks:
+        raise TrainingStopped(f"loss spike at step {step} after {guards.counts['rollbacks']} rollbacks "
+                              f"(train.guards.max_rollbacks={tc.guards.max_rollbacks}); stopping")
+    spiking_data_step = pipe.data_step(step - 1)
+    with jax.set_mesh(lay.mesh), sharding.use_rules(lay.rules):
+        state, meta = ckpt.restore(target, lay)
+    start = pipe.data_step(int(meta["data"]["step"]))
+    skip = [start, max(start + int(tc.guards.rollback_skip_steps), spiking_data_step + 1)]
+    guards.rolled_back(meta["guards"], skip)
+    writer.console(f"loss spike at step {step} (above mean + {tc.guards.spike_sigmas}σ of the last "
+                   f"{tc.guards.spike_window} losses): rolled back to checkpoint step {target}; skipping "
+                   f"data steps [{skip[0]}, {skip[1]})")
+    return state, int(meta["step"]), meta["data"]

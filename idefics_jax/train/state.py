@@ -1,0 +1,146 @@
+"""Train state: parameters split into trainable and frozen, the optimizer over the trainable ones,
+and the shardings of all of it.
+
+The state is a plain dict pytree, so the train step is a plain `jax.jit` over it:
+  params    nnx.State of the trainable Params (the ones `models.freeze.trainable_mask` selects)
+  frozen    nnx.State of the frozen Params (no gradient, no optimizer state)
+  opt_state optax state over `params` only
+  step      int32 [] training steps taken (= the data position)
+  updates   int32 [] updates applied (steps minus skipped ones; drives the LR schedule)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from idefics_jax import sharding
+from idefics_jax.config import IdeficsConfig
+from idefics_jax.models import Idefics
+from idefics_jax.models import layers as L
+from idefics_jax.models.freeze import trainable_mask
+
+
+def schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup 0 → `lr` over `warmup_steps`, then linear decay to `end_lr` at `decay_steps`."""
+    warm = optax.linear_schedule(0.0, opt.lr, max(int(opt.warmup_steps), 1))
+    decay = optax.linear_schedule(opt.lr, opt.end_lr, max(int(opt.decay_steps) - int(opt.warmup_steps), 1))
+    return optax.join_schedules([warm, decay], [int(opt.warmup_steps)])
+
+
+def _decays(owner: nnx.Module, leaf: str) -> bool:
+    # No weight decay on norms, gates and biases (IDEFICS / m4 recipe).
+    return not (isinstance(owner, (L.RMSNorm, L.LayerNorm)) or leaf == "bias" or leaf.startswith("alpha"))
+
+
+def optimizer(opt: ml_collections.ConfigDict, lr: optax.Schedule, decay_mask: Any) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW on schedule `lr` with `decay_mask` (a pytree of bools like the params)."""
+    return optax.chain(
+        optax.clip_by_global_norm(opt.clip_norm),
+        optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                    mask=decay_mask),
+    )
+
+
+@dataclasses.dataclass
+class Layout:
+    """Everything static about the train state: module graph, abstract state, shardings, optimizer."""
+
+    model_config: IdeficsConfig
+    graphdef: nnx.GraphDef
+    abstract: dict[str, Any]
+    shardings: dict[str, Any]
+    tx: optax.GradientTransformation
+    lr: optax.Schedule
+    mesh: jax.sharding.Mesh
+    rules: sharding.Rules
+
+    def params_shardings(self) -> nnx.State:
+        """Shardings of all params (trainable ∪ frozen), in `nnx.state(model, nnx.Param)` layout."""
+        return nnx.merge_state(self.shardings["params"], self.shardings["frozen"])
+
+    def abstract_params(self) -> nnx.State:
+        return nnx.merge_state(self.abstract["params"], self.abstract["frozen"])
+
+
+def layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Layout:
+    """Abstract train state (nothing allocated) and its shardings on `mesh` for a full config."""
+    model_config = IdeficsConfig.from_dict(config.model)
+    rules = sharding.rules_from_config(config.get("sharding_rules"))
+    abstract_model = nnx.eval_shape(lambda: Idefics(model_config, rngs=nnx.Rngs(0)))
+    mask = {p: bool(v.get_value()) for p, v in nnx.to_flat_state(trainable_mask(abstract_model))}
+    owners = {tuple(p): n for p, n in nnx.iter_graph(abstract_model) if isinstance(n, nnx.Module)}
+    graphdef, params, frozen = nnx.split(abstract_model, lambda path, _: mask[tuple(path)], nnx.Param)
+    if not jax.tree.leaves(params):
+        raise ValueError("model config freezes every parameter: nothing to train")
+    decay = jax.tree.map(lambda _: True, params)
+    decay = nnx.from_flat_state([(p, v.replace(_decays(owners[tuple(p[:-1])], str(p[-1]))))
+                                 for p, v in nnx.to_flat_state(decay)])
+    lr = schedule(config.train.optimizer)
+    tx = optimizer(config.train.optimizer, lr, decay)
+    opt_abstract = jax.eval_shape(tx.init, params)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    abstract = {"params": params, "frozen": frozen, "opt_state": opt_abstract, "step": scalar, "updates": scalar}
+    p_sh = sharding.state_shardings(params, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = {
+        "params": p_sh,
+        "frozen": sharding.state_shardings(frozen, mesh, rules),
+        "opt_state": _like_params(opt_abstract, params, p_sh, replicated),
+        "step": replicated,
+        "updates": replicated,
+    }
+    return Layout(model_config, graphdef, abstract, shardings, tx, lr, mesh, rules)
+
+
+def _like_params(tree: Any, params: Any, params_shardings: Any, other: NamedSharding) -> Any:
+    """Shardings for an optimizer state: every subtree shaped like `params` (Adam's mu, nu, ...)
+    takes the params' shardings, everything else (counts) is replicated."""
+    target = jax.tree.structure(params)
+    leaves_sh = jax.tree.leaves(params_shardings)
+
+    def is_params_like(x):
+        try:
+            return jax.tree.structure(x) == target
+        except Exception:
+            return False
+
+    return jax.tree.map(lambda x: jax.tree.unflatten(target, leaves_sh) if is_params_like(x) else other,
+                        tree, is_leaf=is_params_like)
+
+
+def init(lay: Layout, seed: int, params: nnx.State | None = None) -> dict[str, Any]:
+    """A fresh train state on the mesh: random init (or the given full params, e.g. restored from a
+    converted checkpoint), zero optimizer moments, step 0."""
+    if params is None:
+        def make():
+            model = Idefics(lay.model_config, rngs=nnx.Rngs(seed))
+            return nnx.state(model, nnx.Param)
+
+        params = jax.jit(make, out_shardings=lay.params_shardings())()
+    trainable, frozen = split_params(lay, params)
+
+    def start(trainable, frozen):
+        return {"params": trainable, "frozen": frozen, "opt_state": lay.tx.init(trainable),
+                "step": jnp.zeros((), jnp.int32), "updates": jnp.zeros((), jnp.int32)}
+
+    return jax.jit(start, out_shardings=lay.shardings, donate_argnums=(0, 1))(trainable, frozen)
+
+
+def split_params(lay: Layout, params: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """Full params (nnx.state(model, nnx.Param) layout) → (trainable, frozen) as in `lay`."""
+    flat = dict(nnx.to_flat_state(params))
+    pick = lambda abstract: nnx.from_flat_state([(p, flat[p]) for p, _ in nnx.to_flat_state(abstract)])
+    return pick(lay.abstract["params"]), pick(lay.abstract["frozen"])
+
+
+def full_params(state: dict[str, Any]) -> nnx.State:
+    """All parameters of a train state, in `nnx.state(model, nnx.Param)` layout."""
+    return nnx.merge_state(state["params"], state["frozen"])

@@ -1,0 +1,117 @@
+"""The jitted train and eval steps (functional: state in, state out).
+
+Loss: next-token cross-entropy over all `vocab_size + additional_vocab_size` logits, weighted by the
+pipeline's `loss_mask` (token t is a target when loss_mask[t] = 1; it is predicted from t-1), plus
+z-loss `z_loss · logsumexp²` on the same tokens; both normalised by the number of target tokens in
+the *global* batch, so gradient accumulation over micro-batches gives exactly the full-batch
+gradient.
+
+Guards inside the step: a non-finite loss or gradient, or a loss above `spike_threshold` (computed
+by the loop from a rolling window), skips the update — params, optimizer state and the update
+counter are left bit-identical — and is reported in the metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from idefics_jax import sharding
+from idefics_jax.train.state import Layout
+
+MODEL_INPUTS = ("input_ids", "pixel_values", "image_attention_mask", "attention_mask", "position_ids", "segment_ids")
+
+
+def loss_sums(model, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-row sums over target tokens: (cross-entropy [B], logsumexp² [B], target count [B]), float32."""
+    logits = model(**{k: batch[k] for k in MODEL_INPUTS})[:, :-1]
+    targets = batch["input_ids"][:, 1:]
+    w = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    nll = lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return (nll * w).sum(-1), (lse * lse * w).sum(-1), w.sum(-1)
+
+
+def _micro(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
+    """[B, ...] → [n, B/n, ...] taking rows with stride n, so every micro-batch spans all devices."""
+
+    def split(x):
+        y = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+        return sharding.constrain(y, (None, "batch") + (None,) * (x.ndim - 1))
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(lay: Layout, z_loss: float, micro_batches: int, num_datasets: int) -> Callable:
+    """`step(state, batch, spike_threshold, loss_scale) -> (state, metrics)`, jitted with explicit
+    shardings and the state donated.
+
+    batch: the global batch (arrays sharded over 'batch'); spike_threshold float32 [] (inf = off);
+    loss_scale float32 [] multiplies loss and gradients (1.0; the fault-injection hook of the tests).
+    metrics: loss, z_loss, grad_norm, lr, applied (bool), nonfinite (bool), spike (bool), tokens,
+    and per-dataset `ds_loss_sum` / `ds_tokens` [num_datasets].
+    """
+    graphdef, tx, lr = lay.graphdef, lay.tx, lay.lr
+
+    def step(state, batch, spike_threshold, loss_scale):
+        params, frozen = state["params"], state["frozen"]
+        total = jnp.maximum(batch["loss_mask"][:, 1:].astype(jnp.float32).sum(), 1.0)
+
+        def micro_loss(p, mb):
+            ce, z, w = loss_sums(nnx.merge(graphdef, p, frozen), mb)
+            return (ce.sum() + z_loss * z.sum()) / total * loss_scale, (ce, z, w, mb["dataset_id"])
+
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def accumulate(carry, mb):
+            g_acc, ce_acc, z_acc, ds_loss, ds_tok = carry
+            (_, (ce, z, w, ds)), g = grad_fn(params, mb)
+            onehot = jax.nn.one_hot(ds, num_datasets, dtype=jnp.float32)
+            return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce.sum(), z_acc + z.sum(),
+                    ds_loss + onehot.T @ ce, ds_tok + onehot.T @ w), None
+
+        zero = jax.tree.map(jnp.zeros_like, params)
+        init = (zero, jnp.float32(0), jnp.float32(0), jnp.zeros(num_datasets), jnp.zeros(num_datasets))
+        (grads, ce_sum, z_sum, ds_loss, ds_tok), _ = jax.lax.scan(accumulate, init, _micro(batch, micro_batches))
+        loss = ce_sum / total * loss_scale
+        grad_norm = optax.global_norm(grads)
+        nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+        spike = ~nonfinite & (loss > spike_threshold)
+        applied = ~(nonfinite | spike)
+        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(applied, a, b), new, old)
+        new_state = {
+            "params": keep(new_params, params),
+            "frozen": frozen,
+            "opt_state": keep(new_opt, state["opt_state"]),
+            "step": state["step"] + 1,
+            "updates": state["updates"] + applied.astype(jnp.int32),
+        }
+        metrics = {
+            "loss": loss, "z_loss": z_sum / total, "grad_norm": grad_norm, "lr": lr(state["updates"]),
+            "applied": applied, "nonfinite": nonfinite, "spike": spike, "tokens": total,
+            "ds_loss_sum": ds_loss, "ds_tokens": ds_tok,
+        }
+        return new_state, metrics
+
+    # The batch's sharding is the one the loop placed it with (over 'batch').
+    return jax.jit(step, in_shardings=(lay.shardings, None, None, None),
+                   out_shardings=(lay.shardings, None), donate_argnums=(0,))
+
+
+def make_eval_step(lay: Layout, num_datasets: int) -> Callable:
+    """`eval_step(state, batch) -> metrics` with the summed cross-entropy and target counts,
+    overall (`loss_sum`, `tokens`) and per dataset (`ds_loss_sum`, `ds_tokens` [num_datasets])."""
+    graphdef = lay.graphdef
+
+    def evaluate(state, batch):
+        ce, _, w = loss_sums(nnx.merge(graphdef, state["params"], state["frozen"]), batch)
+        onehot = jax.nn.one_hot(batch["dataset_id"], num_datasets, dtype=jnp.float32)
+        return {"loss_sum": ce.sum(), "tokens": w.sum(), "ds_loss_sum": onehot.T @ ce, "ds_tokens": onehot.T @ w}
+
+    return jax.jit(evaluate, in_shardings=(lay.shardings, None))
