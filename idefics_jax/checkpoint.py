@@ -9,17 +9,26 @@ atomically: Orbax writes into a temporary name and renames it when complete), ea
 - training only: `opt_state` (StandardSave) and `train_state` (JSON: step, RNG, data position,
   counters).
 
-A converted checkpoint (tools/convert_weights.py) has `params` and `config` only, at step 0.
+A converted checkpoint (tools/convert_weights.py) has `params` and `config` only, at step 0. The
+converters stream: `ParamsWriter` builds the `params` item from a few leaves at a time (Orbax partial
+saves, merged by `partial.finalize` into one ordinary PyTree item) and `iter_params` reads it back one
+leaf at a time, so host memory stays near the largest stacked parameter. What they write is restored
+by `restore_params` / `StandardRestore` exactly like a trainer-written item.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Mapping
+import shutil
+from typing import Any, Iterable, Iterator, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from orbax.checkpoint import v1 as ocp_v1
+from orbax.checkpoint.experimental.v1 import partial as ocp_partial
 
 from idefics_jax.config import IdeficsConfig
 
@@ -97,6 +106,148 @@ def load(directory: str | os.PathLike, step: int | None = None, *, mesh: Any = N
     config = IdeficsConfig.from_dict(cfg["model"]).replace(**config_overrides)
     graphdef, state = abstract_state(config)
     params = nnx.state(nnx.merge(graphdef, state), nnx.Param)
-    shardings = sharding.state_shardings(params, mesh, rules) if mesh is not None else None
+    if mesh is not None:
+        shardings = sharding.state_shardings(params, mesh, rules)
+    else:  # on the default device, as from_hf places them (Orbax would return host numpy arrays)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda v: v.replace(device), params, is_leaf=lambda x: isinstance(x, nnx.Variable))
     params = restore_params(directory, params, step, shardings)
     return nnx.merge(graphdef, params)
+
+
+# Streaming (the converters) ----------------------------------------------------------------------
+
+Path = tuple[str, ...]
+
+# Chunk size of streamed arrays: large enough for fast sequential writes, small enough that a
+# sharded restore reads little beyond its own shard.
+CHUNK_BYTES = 64 * 2**20
+
+
+def _nest(flat: Mapping[Path, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, v in flat.items():
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = v
+    return out
+
+
+class ParamsWriter:
+    """Writes step `step` of a checkpoint (`params` + `config` items) from leaves given one by one.
+
+    `add(path, array)` buffers numpy leaves until `group_bytes` would be exceeded, then hands the
+    buffered group to an Orbax partial save (which writes straight from the buffers: no deep copy,
+    no compression; chunks of `CHUNK_BYTES`). `finish(config)` merges the partial saves into one
+    PyTree item, writes the config item, and moves the completed step directory into `directory`
+    with one rename, so the step appears whole or not at all. Peak memory ≈ 2 × max(group_bytes,
+    largest leaf): the group plus Orbax's chunked copy of it while it is written.
+    """
+
+    def __init__(self, directory: str | os.PathLike, step: int, group_bytes: int):
+        self.root = os.path.abspath(os.fspath(directory))
+        self.step = step
+        os.makedirs(self.root, exist_ok=True)
+        # Work inside the root (same filesystem, so the final rename is atomic); the name is not a
+        # step number, so Orbax's step listing ignores it.
+        self.work = os.path.join(self.root, f".streaming-{step}")
+        if os.path.exists(self.work):
+            shutil.rmtree(self.work)
+        os.makedirs(self.work)
+        self._partial = os.path.join(self.work, PARAMS)
+        self.group_bytes = group_bytes
+        self._group: dict[Path, np.ndarray] = {}
+        self._group_size = 0
+        self._saved: set[Path] = set()
+        self._ctx = ocp_v1.Context()
+        self._ctx.memory.deepcopy_host_arrays = False  # the buffers are ours and unchanged until saved
+        self._ctx.array.saving.use_compression = False  # float weights barely compress; zstd costs time
+        self._ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
+
+    def add(self, path: Path, value: np.ndarray) -> None:
+        """Queues leaf `path` (numpy array of any shape/dtype) for writing; writes when the group is full."""
+        if path in self._group or path in self._saved:
+            raise ValueError(f"parameter {'.'.join(path)} added twice")
+        if self._group and self._group_size + value.nbytes > self.group_bytes:
+            self.flush()
+        self._group[path] = value
+        self._group_size += value.nbytes
+
+    def flush(self) -> None:
+        """Writes the queued leaves now (one Orbax partial save) and drops them from memory."""
+        if not self._group:
+            return
+        with self._ctx:
+            ocp_partial.save(self._partial, _nest(self._group))
+        self._saved.update(self._group)
+        self._group, self._group_size = {}, 0
+
+    def finish(self, config: Mapping[str, Any]) -> None:
+        """Completes the step: params item from everything added, `config` (must hold `model`)."""
+        if "model" not in config:
+            raise ValueError("checkpoint config must have a 'model' section (IdeficsConfig.to_dict())")
+        self.flush()
+        with self._ctx:
+            ocp_partial.finalize(self._partial)
+        mngr = manager(self.work)
+        mngr.save(self.step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonSave(dict(config))}))
+        mngr.wait_until_finished()
+        mngr.close()
+        step_dir = os.path.join(self.work, str(self.step))
+        # The finalized partial save holds one PyTree item under "state"; it becomes our params item.
+        os.rename(os.path.join(self._partial, "state"), os.path.join(step_dir, PARAMS))
+        meta_path = os.path.join(step_dir, "_CHECKPOINT_METADATA")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        # Record the handler the trainer saves params with, so `item_metadata` and argument-less
+        # restores treat this item as the trainer's own.
+        handler = ocp.StandardCheckpointHandler
+        meta["item_handlers"][PARAMS] = f"{handler.__module__}.{handler.__qualname__}"
+        with open(meta_path, "w") as f:
+            json.dump(meta, f)
+        target = os.path.join(self.root, str(self.step))
+        if os.path.exists(target):
+            raise FileExistsError(f"{target}: step {self.step} already exists")
+        os.rename(step_dir, target)
+        shutil.rmtree(self.work)
+
+    def abort(self) -> None:
+        """Removes the unfinished work (the root directory itself is left as it was)."""
+        self._group = {}
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def params_metadata(directory: str | os.PathLike, step: int) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
+    """{our state path: (shape, numpy dtype)} of the `params` item of `step`, read from metadata only."""
+    # Naming the handler lets Orbax read the metadata whatever wrote the item.
+    mngr = ocp.CheckpointManager(os.path.abspath(os.fspath(directory)),
+                                 options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                                 item_handlers={PARAMS: ocp.StandardCheckpointHandler()})
+    tree = mngr.item_metadata(step)[PARAMS]
+    mngr.close()
+    if tree is None:
+        raise FileNotFoundError(f"{directory}: step {step} has no readable '{PARAMS}' item")
+    tree = getattr(tree, "tree", tree)
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {tuple(str(getattr(k, "key", k)) for k in kp): (tuple(m.shape), np.dtype(m.dtype)) for kp, m in flat}
+
+
+def iter_params(directory: str | os.PathLike, step: int, paths: Iterable[Path]) -> Iterator[tuple[Path, np.ndarray]]:
+    """(path, numpy array) for each of `paths` in the `params` item of `step`, read one leaf at a time.
+
+    Each array has its stored shape and dtype; only one is in memory at a time (plus Orbax's read
+    buffers, about half of it).
+    """
+    mngr = manager(directory, ocp.CheckpointManagerOptions(read_only=True, create=False))
+    meta = params_metadata(directory, step)
+    for path in paths:
+        shape, dtype = meta[path]
+        item = _nest({path: jax.ShapeDtypeStruct(shape, dtype)})
+        restore_args = _nest({path: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)})
+        out = mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True)}))[PARAMS]
+        for k in path:
+            out = out[k]
+        yield path, out
+    mngr.close()
