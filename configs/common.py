@@ -73,7 +73,9 @@ def train_section() -> ml_collections.ConfigDict:
             rollback_skip_steps=200,
             max_rollbacks=10,
         ),
-        debug=dict(loss_scale_at_steps=[]),  # [[step, scale], ...]: fault injection for tests
+        # [[data step, scale], ...]: multiplies that batch's loss and gradients (fault injection for
+        # tests: nan → a non-finite step; 1000 → a loss spike that follows the bad batch).
+        debug=dict(loss_scale_at_steps=[]),
     ))
 
 

@@ -178,7 +178,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             with jax.set_mesh(mesh), sharding.use_rules(lay.rules):
                 batch = _global_batch(local, mesh)
                 state, m = train_step(state, batch, jnp.float32(guards.threshold()),
-                                      jnp.float32(scales.get(step, 1.0)))
+                                      jnp.float32(scales.get(pipe.data_step(step), 1.0)))
                 m = jax.device_get(m)
             step += 1
             dt = time.perf_counter() - t0

@@ -78,7 +78,7 @@ def make_train_step(lay: Layout, z_loss: float, micro_batches: int, num_datasets
         init = (zero, jnp.float32(0), jnp.float32(0), jnp.zeros(num_datasets), jnp.zeros(num_datasets))
         (grads, ce_sum, z_sum, ds_loss, ds_tok), _ = jax.lax.scan(accumulate, init, _micro(batch, micro_batches))
         loss = ce_sum / total * loss_scale
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
         spike = ~nonfinite & (loss > spike_threshold)
         applied = ~(nonfinite | spike)
