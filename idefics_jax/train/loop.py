@@ -211,7 +211,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                f"skipped {guards.counts['nonfinite_steps'] + guards.counts['spike_steps']}")
             writer.write(step, last)
             if eval_step is not None and step % tc.eval_every == 0:
-                writer.write(step, {"eval": _evaluate(eval_step, eval_pipe, state, mesh, lay, int(tc.eval_steps))})
+                ev = _evaluate(eval_step, eval_pipe, state, mesh, lay, int(tc.eval_steps))
+                writer.write(step, {"eval": ev})
+                writer.console(f"eval at step {step} | held-out loss {ev['loss']:.4f} over {tc.eval_steps} batches")
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 ckpt.save(step, state, train_state_json(step, int(state["updates"])), config)
             if stop["signal"] is not None:
