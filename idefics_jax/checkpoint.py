@@ -142,7 +142,8 @@ class ParamsWriter:
     no compression; chunks of `CHUNK_BYTES`). `finish(config)` merges the partial saves into one
     PyTree item, writes the config item, and moves the completed step directory into `directory`
     with one rename, so the step appears whole or not at all. Peak memory ≈ 2 × max(group_bytes,
-    largest leaf): the group plus Orbax's chunked copy of it while it is written.
+    largest leaf) when each leaf is built after `reserve`: the group plus Orbax's chunked copy of it
+    while it is written.
     """
 
     def __init__(self, directory: str | os.PathLike, step: int, group_bytes: int):
@@ -165,12 +166,17 @@ class ParamsWriter:
         self._ctx.array.saving.use_compression = False  # float weights barely compress; zstd costs time
         self._ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
 
+    def reserve(self, nbytes: int) -> None:
+        """Writes the queued leaves first if a leaf of `nbytes` would not fit in the group: call it
+        before building the next leaf, so that leaf and a full group are never in memory together."""
+        if self._group and self._group_size + nbytes > self.group_bytes:
+            self.flush()
+
     def add(self, path: Path, value: np.ndarray) -> None:
         """Queues leaf `path` (numpy array of any shape/dtype) for writing; writes when the group is full."""
         if path in self._group or path in self._saved:
             raise ValueError(f"parameter {'.'.join(path)} added twice")
-        if self._group and self._group_size + value.nbytes > self.group_bytes:
-            self.flush()
+        self.reserve(value.nbytes)
         self._group[path] = value
         self._group_size += value.nbytes
 
@@ -249,5 +255,8 @@ def iter_params(directory: str | os.PathLike, step: int, paths: Iterable[Path]) 
             item=item, restore_args=restore_args, partial_restore=True)}))[PARAMS]
         for k in path:
             out = out[k]
-        yield path, out
+        # Hold no reference across the yield, so the caller's `del` frees the leaf before the next read.
+        leaf, out = out, None
+        yield path, leaf
+        del leaf
     mngr.close()

@@ -238,6 +238,16 @@ class HFReader:
     def keys(self) -> list[str]:
         return list(self._where)
 
+    def close(self) -> None:
+        """Unmaps the open files; later reads reopen them.
+
+        Pages read through a memory map stay resident (and count in the process's RSS) while the file
+        is mapped, so a streaming reader calls this after each stacked parameter to keep RSS at one
+        parameter rather than growing to the whole checkpoint.
+        """
+        self._handles.clear()
+        self._bins.clear()
+
     def get(self, name: str) -> np.ndarray:
         """The tensor `name` as numpy (bf16 is returned as ml_dtypes.bfloat16)."""
         if name not in self._where:
@@ -269,7 +279,7 @@ def read_stacked(entry: Entry, read: Callable[[str], np.ndarray], dtype: Any) ->
         if tuple(t.shape) != entry.hf_shape:
             raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}; expected {entry.hf_shape} "
                                   "from config.json")
-        out[idx] = entry.to_ours(t).astype(dtype)
+        out[idx] = entry.to_ours(t).astype(dtype, copy=False)  # no extra copy: assignment copies
     return out
 
 

@@ -102,6 +102,8 @@ def _checked_reader(reader, where: Callable[[str], str], rename: Callable[[str],
     def read(name: str) -> np.ndarray:
         src = rename(name)
         t = reader.get(src)
+        # Unmap at once: pages read through a map count in RSS while it stays open.
+        reader.close()
         if tuple(t.shape) != expected[name]:
             raise hf.CheckpointError(f"{where(src)}: tensor {src!r} has shape {tuple(t.shape)}; expected "
                                      f"{expected[name]} from the config")
@@ -130,6 +132,7 @@ def hf_to_jax(args) -> None:
         with _progress(len(expected), args.progress, "hf-to-jax") as bar:
             read = _checked_reader(reader, lambda n: hf.file_of(reader, n), lambda n: n, expected, bar)
             for e in entries:
+                writer.reserve(int(np.prod(e.shape)) * dtype.itemsize)
                 writer.add(e.path, hf.read_stacked(e, read, dtype))
         writer.finish({"model": config.to_dict(), "converted_from": {"hf": os.path.abspath(args.hf)}})
 
@@ -373,9 +376,11 @@ def init(args) -> None:
         writer = checkpoint.ParamsWriter(tmp, 0, budget)
         with _progress(len(expected) + len(new), args.progress, "init") as bar:
             for e in vision:
+                writer.reserve(int(np.prod(e.shape)) * dtype.itemsize)
                 read = _checked_reader(clip, lambda n: hf.file_of(clip, n), from_clip, expected, bar)
                 writer.add(e.path, hf.read_stacked(e, read, dtype))
             for e in text:
+                writer.reserve(int(np.prod(e.shape)) * dtype.itemsize)
                 read = _checked_reader(llama, lambda n: hf.file_of(llama, n), lambda n: n, expected, bar)
                 writer.add(e.path, hf.read_stacked(e, read, dtype))
             for path, value in new_params(config, seed, [g for g in groups if g]):
@@ -443,9 +448,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _return_freed_memory() -> None:
+    """Makes glibc serve every allocation ≥ 1 MiB by its own mmap, so freeing a tensor returns it.
+
+    By default glibc raises its mmap threshold to the size of the last freed block (up to 32 MiB);
+    tensors below that then come from the heap and stay in RSS after being freed, so a converter
+    that frees each parameter would still grow by the sum of all parameters under 32 MiB.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 2**20)  # M_MMAP_THRESHOLD (fixing it also turns off the dynamic threshold)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (0, or 1 after one error line on stderr)."""
     args = parser().parse_args(argv)
+    _return_freed_memory()
     # Orbax and absl log routine warnings to stderr; keep it for the progress bar and errors.
     logging.getLogger().setLevel(logging.ERROR)
     try:
