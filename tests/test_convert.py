@@ -98,6 +98,14 @@ def test_bfloat16_and_bin_roundtrip_is_byte_identical(tmp_path):
     torch.save(sd, tmp_path / "bin" / "pytorch_model.bin")
     convert("hf-to-jax", "--hf", tmp_path / "bin", "--out", tmp_path / "ckpt", "--dtype", "bfloat16")
     assert checkpoint.params_metadata(tmp_path / "ckpt", 0)[("norm", "weight")][1] == np.dtype("bfloat16")
+    # Training starts from it the way the trainer restores: fp32 params, placed by the sharding rules.
+    import jax
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    ours = idefics_jax.load(tmp_path / "ckpt", param_dtype="float32", mesh=mesh)
+    kernel = ours.blocks.layers.mlp.up_proj.kernel.get_value()
+    assert kernel.dtype == np.float32 and isinstance(kernel.sharding, jax.sharding.NamedSharding)
+    np.testing.assert_array_equal(np.asarray(kernel[0, 0]), sd["model.layers.0.mlp.up_proj.weight"].float().numpy().T)
     convert("jax-to-hf", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "back")
     back = hf_tensors(tmp_path / "back")
     assert sorted(back) == sorted(sd)

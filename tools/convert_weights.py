@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import tempfile
+import textwrap
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -410,9 +411,10 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("hf-to-jax", help="HF IDEFICS directory → our Orbax checkpoint", epilog=EXAMPLES["hf-to-jax"],
                        formatter_class=fmt,
-                       description="Reads config.json + model.safetensors (or sharded safetensors with "
+                       description=textwrap.fill(
+                                   "Reads config.json + model.safetensors (or sharded safetensors with "
                                    "model.safetensors.index.json, or pytorch_model*.bin, tensors only) and writes "
-                                   "step 0 of an Orbax checkpoint (scan-stacked params + config).")
+                                   "step 0 of an Orbax checkpoint (scan-stacked params + config).", 100))
     s.add_argument("--hf", required=True, help="HF IDEFICS model directory")
     s.add_argument("--dtype", choices=dtypes, default="float32", help="stored parameter dtype (default float32)")
     common(s)
@@ -420,9 +422,10 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("jax-to-hf", help="our checkpoint → HF IDEFICS directory", epilog=EXAMPLES["jax-to-hf"],
                        formatter_class=fmt,
-                       description="Writes config.json, safetensors shards (+ model.safetensors.index.json) loadable "
+                       description=textwrap.fill(
+                                   "Writes config.json, safetensors shards (+ model.safetensors.index.json) loadable "
                                    "by IdeficsForVisionText2Text.from_pretrained, and the tokenizer files if given. "
-                                   "Works on converted and training checkpoints.")
+                                   "Works on converted and training checkpoints.", 100))
     s.add_argument("--ckpt", required=True, help="our checkpoint directory (Orbax CheckpointManager root)")
     s.add_argument("--step", type=int, default=None, help="step to convert (default: the latest)")
     s.add_argument("--tokenizer", help="directory whose tokenizer/processor files are copied beside the weights")
@@ -433,11 +436,12 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("init", help="fresh IDEFICS from HF CLIP + LLaMA checkpoints", epilog=EXAMPLES["init"],
                        formatter_class=fmt,
-                       description="Vision tower from an HF CLIP checkpoint (CLIPVisionModel or CLIPModel layout), "
+                       description=textwrap.fill(
+                                   "Vision tower from an HF CLIP checkpoint (CLIPVisionModel or CLIPModel layout), "
                                    "language model from an HF LlamaForCausalLM checkpoint, the new parts (perceiver, "
                                    "gated cross-attention layers, additional embedding rows and LM-head columns) "
                                    "initialised by the model's own initialisers as the config says (gates zero with "
-                                   "alpha_initializer='zeros'). Any architecture mismatch is an error.")
+                                   "alpha_initializer='zeros'). Any architecture mismatch is an error.", 100))
     s.add_argument("--clip", required=True, help="HF CLIP model directory")
     s.add_argument("--llama", required=True, help="HF LLaMA model directory")
     s.add_argument("--config", required=True, help="config file with get_config() and a `model` section")
