@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -330,7 +329,8 @@ BAD_HF = {
     "unexpected tensor": ("single", lambda d: _edit_single(d, lambda sd: sd.update(extra=torch.ones(2))),
                           r"model\.safetensors: unexpected tensor 'extra'"),
     "shape vs config.json": ("single", lambda d: _config_edit(d, intermediate_size=40),
-                             r"model\.safetensors: tensor 'model\.(gated_cross_attn_)?layers\.0\.mlp\.(gate|up|down)_proj\.weight' has "
+                             r"model\.safetensors: tensor 'model\.(gated_cross_attn_)?layers\.0\.mlp\."
+                             r"(gate|up|down)_proj\.weight' has "
                              r"shape \((48, 32|32, 48)\); expected \((40, 32|32, 40)\)"),
     "truncated shard": ("sharded", _truncate_shard,
                         r"model-\d+-of-\d+\.safetensors: not a readable safetensors file"),
@@ -392,7 +392,7 @@ def test_init_architecture_mismatch(sources, tmp_path, capsys, case):
         message = r"llama/config\.json: num_key_value_heads=2; expected 4"
     elif case == "clip width":
         _config_edit(clip, hidden_size=32)
-        message = r"clip/config\.json: hidden_size=32; expected 24 \(vision\.embed_dim"
+        message = r"clip/config\.json: hidden_size=32; expected 24, the IDEFICS config's vision\.embed_dim"
     else:
         _config_edit(clip, model_type="siglip_vision_model")
         message = r"clip/config\.json: model_type='siglip_vision_model'; expected one of"

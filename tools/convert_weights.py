@@ -237,7 +237,7 @@ def _expect(path: str, pairs: list[tuple[str, Any, Any, str]]) -> None:
     """Raises naming the first (field, got, expected, our field) that differs."""
     for field, got, want, ours in pairs:
         if got != want:
-            raise ConversionError(f"{path}: {field}={got!r}; expected {want!r} ({ours} in the IDEFICS config)")
+            raise ConversionError(f"{path}: {field}={got!r}; expected {want!r}, the IDEFICS config's {ours}")
 
 
 def _transformers_config(path: str, classes: dict[str, str]):
@@ -282,13 +282,14 @@ def check_llama(path: str, config) -> None:
         ("num_hidden_layers", d.num_hidden_layers, config.num_hidden_layers, "num_hidden_layers"),
         ("num_attention_heads", heads, config.num_attention_heads, "num_attention_heads"),
         ("num_key_value_heads", getattr(d, "num_key_value_heads", None) or heads, config.num_attention_heads,
-         "num_attention_heads: IDEFICS has no grouped-query attention, so"),
+         "num_attention_heads (IDEFICS has no grouped-query attention)"),
         ("head_dim", getattr(d, "head_dim", None) or config.head_dim, config.head_dim,
          "hidden_size / num_attention_heads"),
         ("hidden_act", d.hidden_act, config.hidden_act, "hidden_act"),
         ("rms_norm_eps", d.rms_norm_eps, config.rms_norm_eps, "rms_norm_eps"),
         ("rope_theta", float(theta), config.rope_theta, "rope_theta"),
-        ("rope_type", rope.get("rope_type", rope.get("type", "default")), "default", "RoPE"),
+        ("rope_type", rope.get("rope_type", rope.get("type", "default")), "default",
+         "RoPE (only default is supported)"),
         ("attention_bias", getattr(d, "attention_bias", False), False, "bias-free attention"),
         ("mlp_bias", getattr(d, "mlp_bias", False), False, "bias-free MLP"),
         ("tie_word_embeddings", getattr(d, "tie_word_embeddings", False), config.tie_word_embeddings,
