@@ -1,0 +1,167 @@
+"""Our train step vs transformers' IdeficsForVisionText2Text + torch.optim.AdamW, side by side.
+
+    python benchmarks/train_step.py [--steps 10] [--batch 4] [--seq 256]
+
+Same model config, same batch, same freezing (the published flags: vision tower, LLaMA layers and
+base vocabulary frozen), fp32 on this CPU, one process. Each side: AdamW (weight decay 0.1),
+global-norm clipping at 1.0, masked next-token cross-entropy (z-loss off: HF has none). Prints
+tokens/s of each and their ratio, and our achieved FLOP/s (model FLOPs, train/metrics.py) against
+the fp32 matmul FLOP/s measured in the same process. Prints only; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import torch
+from transformers import IdeficsConfig as HFConfig
+from transformers import IdeficsForVisionText2Text
+
+from idefics_jax import hf, sharding
+from idefics_jax.config import IdeficsConfig, PerceiverConfig, VisionConfig
+from idefics_jax.train import state as state_lib
+from idefics_jax.train.metrics import model_flops_per_step
+from idefics_jax.train.step import make_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def model_config() -> IdeficsConfig:
+    """A small IDEFICS with every part of the real one (published freeze flags, qk norms, resampler)."""
+    return IdeficsConfig(
+        vocab_size=4000, additional_vocab_size=2, hidden_size=256, intermediate_size=688,
+        num_hidden_layers=8, num_attention_heads=8, cross_layer_interval=4, qk_layer_norms=True,
+        use_resampler=True, alpha_type="vector", alpha_initializer="normal", alphas_initializer_range=0.5,
+        freeze_text_layers=True, freeze_vision_layers=True, freeze_lm_head=True,
+        vision=VisionConfig(embed_dim=192, image_size=64, intermediate_size=768, patch_size=8,
+                            num_hidden_layers=4, num_attention_heads=6),
+        perceiver=PerceiverConfig(resampler_n_latents=32, resampler_depth=2, resampler_n_heads=6,
+                                  resampler_head_dim=32, qk_layer_norms_perceiver=True),
+    )
+
+
+def batch(cfg: IdeficsConfig, b: int, t: int, n: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    iam = np.zeros((b, t, n), np.int32)
+    for i in range(n):  # image i is seen from position i*t/n on, until the next one
+        iam[:, i * t // n:(i + 1) * t // n, i] = 1
+    return dict(
+        input_ids=rng.integers(0, cfg.total_vocab_size, (b, t)).astype(np.int32),
+        attention_mask=np.ones((b, t), np.int32),
+        position_ids=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+        segment_ids=np.ones((b, t), np.int32),
+        pixel_values=rng.standard_normal((b, n, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32),
+        image_attention_mask=iam,
+        loss_mask=np.ones((b, t), np.float32),
+        dataset_id=np.zeros((b,), np.int32),
+    )
+
+
+def time_ours(cfg: IdeficsConfig, data: dict, steps: int) -> tuple[float, float, dict]:
+    """(seconds per step, first loss, params as HF tensors) of our jitted train step."""
+    c = ml_collections.ConfigDict()
+    c.model = cfg.to_dict()
+    c.train = ml_collections.ConfigDict(dict(optimizer=dict(lr=1e-4, end_lr=1e-4, warmup_steps=0, decay_steps=1,
+                                                             b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1,
+                                                             clip_norm=1.0)))
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    lay = state_lib.layout(c, mesh)
+    state = state_lib.init(lay, 0)
+    weights = {name: t for e in hf.entries(cfg) for name, t in
+               hf.iter_hf(e, np.asarray(dict(_flat(state_lib.full_params(state)))[e.path]))}
+    step = make_train_step(lay, 0.0, 1, 1)
+    x = {k: jnp.asarray(v) for k, v in data.items()}
+    one, inf = jnp.float32(1.0), jnp.float32(np.inf)
+    state, m = step(state, x, inf, one)  # compile
+    first = float(m["loss"])
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, m = step(state, x, inf, one)
+    jax.block_until_ready(state)
+    return (time.perf_counter() - start) / steps, first, weights
+
+
+def _flat(params):
+    from flax import nnx
+
+    return [(tuple(str(k) for k in p), v.get_value()) for p, v in nnx.to_flat_state(params)]
+
+
+def time_hf(cfg: IdeficsConfig, data: dict, steps: int, weights: dict) -> tuple[float, float]:
+    """(seconds per step, first loss) of HF's model with torch AdamW, from the same weights."""
+    model = IdeficsForVisionText2Text(HFConfig(**cfg.to_hf()))
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=True)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    x = {k: torch.from_numpy(data[k]).long() if data[k].dtype == np.int32 else torch.from_numpy(data[k])
+         for k in ("input_ids", "attention_mask", "pixel_values", "image_attention_mask")}
+    mask = torch.from_numpy(data["loss_mask"])[:, 1:]
+
+    def one_step():
+        opt.zero_grad(set_to_none=True)
+        logits = model(**x, use_cache=False).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x["input_ids"][:, 1:], reduction="none")
+        loss = (nll * mask).sum() / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        return float(loss)
+
+    first = one_step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    return (time.perf_counter() - start) / steps, first
+
+
+def matmul_flops(n: int = 1024, reps: int = 20) -> float:
+    """fp32 FLOP/s of an n×n matmul in XLA, in this process."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    start = time.perf_counter()
+    for _ in range(reps):
+        a = f(a) * 1e-3
+    jax.block_until_ready(a)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--images", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = model_config()
+    data = batch(cfg, args.batch, args.seq, args.images)
+    tokens = args.batch * args.seq
+    ours, our_loss, weights = time_ours(cfg, data, args.steps)
+    theirs, hf_loss = time_hf(cfg, data, args.steps, weights)
+    flops = model_flops_per_step(cfg, args.batch, args.seq, args.images)
+    peak = matmul_flops()
+    print(f"config: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} LLaMA layers (+{cfg.num_blocks} gated "
+          f"xattn), ViT {cfg.vision.embed_dim}x{cfg.vision.num_hidden_layers}; batch {args.batch} x {args.seq} "
+          f"tokens, {args.images} images/row; fp32, {jax.devices()[0].platform}, {os.cpu_count()} cores")
+    print(f"first-step loss: ours {our_loss:.5f}  HF {hf_loss:.5f}  (same weights, same batch)")
+    print(f"idefics_jax step: {ours * 1e3:8.1f} ms  {tokens / ours:9.0f} tokens/s")
+    print(f"HF + torch AdamW: {theirs * 1e3:8.1f} ms  {tokens / theirs:9.0f} tokens/s")
+    print(f"speed-up (ours / HF tokens/s): {theirs / ours:.2f}x")
+    print(f"our achieved {flops / ours / 1e9:.1f} GFLOP/s of model FLOPs = {flops / ours / peak:.0%} of the "
+          f"{peak / 1e9:.1f} GFLOP/s fp32 matmul peak measured here")
+
+
+if __name__ == "__main__":
+    main()
