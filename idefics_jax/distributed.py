@@ -63,10 +63,17 @@ def settings(env: Mapping[str, str] | None = None) -> dict | None:
 
 
 def initialize() -> None:
-    """Initialises jax.distributed when the environment describes several processes."""
+    """Initialises jax.distributed when the environment describes several processes.
+
+    Must run before anything touches the devices. On CPU (launch/local.py, tests) the collectives
+    between processes need an implementation: gloo, unless JAX_CPU_COLLECTIVES_IMPLEMENTATION says
+    otherwise; GPUs use NCCL whatever this is set to.
+    """
     found = settings()
     if found is None:
         return
     import jax
 
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**found)

@@ -1,0 +1,614 @@
+"""python -m idefics_jax.plan --config configs/80b.py [--config.a.b=v ...] [--devices N] [--json OUT]
+
+Proves a layout the way the compiler sees it, without the cluster: builds the abstract train state
+(nothing allocated), lowers and compiles the trainer's own jitted step (`train.step.make_train_step`)
+for the configured mesh on fake CPU devices (`--xla_force_host_platform_device_count`, set by
+re-executing this module before JAX starts), and prints
+
+- total and trainable parameters;
+- per-device bytes: parameters, optimizer state, the batch, and the compiled step's temporaries
+  (`compiled.memory_analysis()`), against a limit (default 80 GB; exit status 1 above it);
+- the collectives of one step by kind and mesh axis (count and bytes, loops multiplied out);
+- model FLOPs per step and an estimated step time and MFU on A100-80GB nodes (assumptions printed).
+
+Two things differ between this CPU compile and the GPU one, and the report accounts for both:
+
+1. XLA:CPU has no bf16 arithmetic or collectives: its `float-normalization-bf16` pass rewrites every
+   bf16 op (collectives included) to f32. So the collectives and matmuls are read from the program
+   as the SPMD partitioner leaves it (XLA's dump after `spmd-partitioning`, before any
+   backend-specific pass), where bf16 weight gathers are still bf16 as on the GPU; and the memory
+   figures, which come from the CPU executable, are an upper bound (buffers the GPU keeps in bf16 are
+   f32 here).
+2. The GPU run also needs memory XLA does not see (CUDA context, cuBLAS/cuDNN workspaces, NCCL
+   buffers): `--runtime_reserve_gb` (default 3) is added before comparing with the limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=False)
+_DEVICES = flags.DEFINE_integer("devices", 512, "Devices to plan for when the config's mesh has a -1 axis "
+                                "(a mesh with fixed sizes sets the count itself).")
+_LIMIT = flags.DEFINE_float("memory_limit_gb", 80.0, "Per-device memory limit, GB (1e9 bytes).")
+_RESERVE = flags.DEFINE_float("runtime_reserve_gb", 3.0, "Per-device memory outside XLA's buffers on the GPU "
+                              "(CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers), GB.")
+_PEAK = flags.DEFINE_float("peak_tflops", 312.0, "Dense bf16 peak per device, TFLOP/s (A100: 312).")
+_EFFICIENCY = flags.DEFINE_float("matmul_efficiency", 0.75, "Fraction of peak the step's matmuls reach.")
+_NVLINK = flags.DEFINE_float("nvlink_gbytes", 240.0, "Per-GPU NVLink bandwidth one way, GB/s (A100 NVLink3: "
+                             "300 GB/s per direction, ~240 achieved by NCCL rings).")
+_NETWORK = flags.DEFINE_float("internode_gbits", 400.0, "Per-node network bandwidth one way, Gbit/s "
+                              "(p4d.24xlarge: 4 x 100 Gbit/s EFA).")
+_PER_NODE = flags.DEFINE_integer("gpus_per_node", 8, "Devices per node (devices are numbered node by node).")
+_JSON = flags.DEFINE_string("json", None, "Also write the figures as JSON to this file.")
+
+_CHILD_ENV = "IDEFICS_PLAN_DEVICES"
+_DUMP_ENV = "IDEFICS_PLAN_DUMP"
+GB = 1e9
+
+
+# HLO text ----------------------------------------------------------------------------------------
+
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+def array_bytes(type_text: str) -> int:
+    """Bytes of an HLO type: 'bf16[2,3]{1,0}' → 12; a tuple '(f32[4], s32[])' sums its arrays."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(type_text):
+        size = _DTYPE_BYTES.get(dtype, 1)
+        total += size * math.prod(int(d) for d in dims.split(",") if d)
+    return int(total)
+
+
+def _dims(type_text: str) -> list[int]:
+    m = _ARRAY.search(type_text)
+    return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def _balanced(text: str, start: int) -> int:
+    """Index just past the bracket group opening at text[start] ('(' / '{' / '[')."""
+    pairs = {"(": ")", "{": "}", "[": "]"}
+    stack = []
+    for i in range(start, len(text)):
+        c = text[i]
+        if c in pairs:
+            stack.append(pairs[c])
+        elif stack and c == stack[-1]:
+            stack.pop()
+            if not stack:
+                return i + 1
+    raise ValueError(f"unbalanced brackets in HLO: {text[start:start + 80]!r}")
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    type: str           # result type text
+    op: str             # opcode, e.g. 'all-gather'
+    operands: list[str]  # operand instruction names
+    args: str           # the text between the operand parentheses (a constant's value)
+    attrs: str          # everything after the operand list
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
+_COMP = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+
+
+def parse_hlo(text: str) -> tuple[dict[str, list[Instr]], str]:
+    """HLO module text → ({computation name: instructions}, entry computation name)."""
+    comps: dict[str, list[Instr]] = {}
+    entry, current = None, None
+    for line in text.splitlines():
+        if current is None:
+            m = _COMP.match(line)
+            if m and not line.startswith("HloModule"):
+                current = m.group(2)
+                comps[current] = []
+                if m.group(1):
+                    entry = current
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        pos = m.end()
+        if line[pos] == "(":
+            end = _balanced(line, pos)
+        else:
+            end = line.index(" ", pos)
+        type_text = line[pos:end]
+        op_start = end + 1
+        paren = line.index("(", op_start)
+        close = _balanced(line, paren)
+        operands = re.findall(r"%([\w.\-]+)", line[paren:close])
+        comps[current].append(Instr(m.group(1), type_text, line[op_start:paren], operands, line[paren + 1:close - 1],
+                                    line[close:]))
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return comps, entry
+
+
+def _trip_count(while_instr: Instr, comps: dict[str, list[Instr]]) -> int | None:
+    """Iterations of a while loop: XLA's known_trip_count, or the bound N of a `i < N` condition
+    with a constant N (how lax.scan/fori_loop lower: i counts up from 0)."""
+    m = re.search(r'known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"', while_instr.attrs)
+    if m:
+        return int(m.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", while_instr.attrs)
+    body = comps.get(cond.group(1), []) if cond else []
+    consts = {i.name: i for i in body if i.op == "constant" and re.match(r"[su](32|64)\[\]", i.type)}
+    for i in body:
+        if i.op == "compare" and "direction=LT" in i.attrs:
+            bound = [consts[o] for o in i.operands if o in consts]
+            if len(bound) == 1 and re.fullmatch(r"-?\d+", bound[0].args.strip()):
+                return int(bound[0].args)
+    return None
+
+
+def multiplicities(comps: dict[str, list[Instr]], entry: str) -> tuple[dict[str, int], list[str]]:
+    """How many times each computation runs per execution of the entry one (while bodies × trip
+    counts; fusions, calls and conditional branches × 1). Returns (counts, warnings)."""
+    edges: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    warnings = []
+    for cname, instrs in comps.items():
+        for ins in instrs:
+            if ins.op == "while":
+                body = re.search(r"body=%?([\w.\-]+)", ins.attrs).group(1)
+                trips = _trip_count(ins, comps)
+                if trips is None:
+                    warnings.append(f"while loop {ins.name}: trip count unknown, counted once")
+                    trips = 1
+                edges[cname].append((body, trips))
+                continue
+            for key in ("calls", "true_computation", "false_computation"):
+                for callee in re.findall(rf"{key}=%?([\w.\-]+)", ins.attrs):
+                    edges[cname].append((callee, 1))
+            branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
+            if branches:
+                edges[cname].extend((b, 1) for b in re.findall(r"%?([\w.\-]+)", branches.group(1)))
+    order, seen = [], set()
+
+    def visit(c):  # post-order DFS; the call graph of an HLO module is acyclic
+        if c in seen:
+            return
+        seen.add(c)
+        for callee, _ in edges.get(c, ()):
+            visit(callee)
+        order.append(c)
+
+    sys.setrecursionlimit(max(10_000, sys.getrecursionlimit()))
+    visit(entry)
+    counts = defaultdict(int, {entry: 1})
+    for c in reversed(order):
+        for callee, k in edges.get(c, ()):
+            counts[callee] += counts[c] * k
+    return dict(counts), warnings
+
+
+# Replica groups ----------------------------------------------------------------------------------
+
+def _iota(dims: Sequence[int], perm: Sequence[int] | None) -> np.ndarray:
+    a = np.arange(math.prod(dims)).reshape(dims)
+    return a.transpose(perm) if perm else a
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in re.findall(r"-?\d+", text)]
+
+
+def replica_groups(attrs: str, num_devices: int) -> list[list[int]]:
+    """The device (partition) groups of a collective from its attribute text, in any of XLA's three
+    spellings: explicit `{{0,1},{2,3}}`, iota `[G,S]<=[dims]T(perm)`, and mesh axes
+    `mesh['axis_0'=a,...][, device_ids=(...)] {'axis_i'[:(pre)size], ...}`."""
+    m = re.search(r"replica_groups=", attrs)
+    if not m:
+        return [list(range(num_devices))]
+    text = attrs[m.end():]
+    if text.startswith("{"):
+        body = text[1:_balanced(text, 0) - 1]
+        groups = [_ints(g) for g in re.findall(r"\{([^}]*)\}", body)]
+        return groups or [list(range(num_devices))]
+    if text.startswith("["):
+        m = re.match(r"\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
+        g, s = int(m.group(1)), int(m.group(2))
+        perm = _ints(m.group(4)) if m.group(4) else None
+        return _iota(_ints(m.group(3)), perm).reshape(g, s).tolist()
+    if text.startswith("mesh"):
+        return _mesh_groups(text)
+    raise ValueError(f"unrecognised replica_groups: {text[:120]!r}")
+
+
+def _mesh_groups(text: str) -> list[list[int]]:
+    close = _balanced(text, 4)
+    axes = re.findall(r"'([^']+)'=(\d+)", text[4:close])
+    names = [a for a, _ in axes]
+    sizes = [int(s) for _, s in axes]
+    rest = text[close:]
+    ids = np.arange(math.prod(sizes))
+    d = re.match(r"\s*,\s*device_ids=\(", rest)
+    if d:
+        inner_end = _balanced(rest, d.end() - 1)
+        inner = rest[d.end():inner_end - 1]
+        t = re.match(r"\[([\d,]+)\](?:T\(([\d,]+)\))?$", inner.strip())
+        if t:
+            ids = _iota(_ints(t.group(1)), _ints(t.group(2)) if t.group(2) else None).reshape(-1)
+        else:
+            ids = np.asarray(_ints(inner))
+        rest = rest[inner_end:]
+    brace = rest.index("{")
+    refs = re.findall(r"'([^']+)'(?::\((\d+)\)(\d+))?", rest[brace:_balanced(rest, brace)])
+    # Each mesh dimension is split into [pre, size, post] pieces around the sub-axes it is grouped
+    # by (XLA's AxisRef `name:(pre)size`); the grouped pieces go last, then rows are the groups.
+    by_dim: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for name, pre, size in refs:
+        i = names.index(name)
+        by_dim[i].append((int(pre), int(size)) if size else (1, sizes[i]))
+    shape, grouped = [], []
+    for i, full in enumerate(sizes):
+        prefix = 1
+        for pre, size in sorted(by_dim.get(i, [])):
+            if pre != prefix:
+                shape.append(pre // prefix)
+                prefix = pre
+            grouped.append(len(shape))
+            shape.append(size)
+            prefix *= size
+        if prefix != full or i not in by_dim:
+            shape.append(full // prefix)
+    keep = [k for k in range(len(shape)) if k not in grouped]
+    group_size = math.prod(shape[k] for k in grouped)
+    return ids.reshape(shape).transpose(keep + grouped).reshape(-1, group_size).tolist()
+
+
+# Collectives and FLOPs of one step -----------------------------------------------------------------
+
+@dataclasses.dataclass
+class Collective:
+    kind: str          # all-gather | reduce-scatter | all-reduce | all-to-all | collective-permute
+    axes: str          # mesh axes it runs over, e.g. 'fsdp', 'tensor', 'fsdp+tensor'
+    count: int         # executions per step
+    payload: float     # bytes per device per step: the full buffer (gathered result / reduced input)
+    traffic: float     # bytes per device per step on the wire (ring algorithms)
+    node_bytes: float  # bytes into the busiest node per step over the network (0 within a node)
+    intra_node: bool
+
+
+def _axes_of(members: Iterable[int], coords: np.ndarray, axis_names: Sequence[str]) -> tuple[str, ...]:
+    pts = coords[list(members)]
+    return tuple(a for k, a in enumerate(axis_names) if len(set(pts[:, k])) > 1)
+
+
+def collectives_and_flops(text: str, mesh_shape: Sequence[int], axis_names: Sequence[str],
+                          device_ids: Sequence[int], gpus_per_node: int):
+    """Per-device collectives (merged by kind and axes) and matmul FLOPs of one execution of an HLO
+    module partitioned over a mesh of `mesh_shape`; partition p is `device_ids[p]` (node p // per node).
+
+    An all-reduce whose users are all dynamic-slices taking 1/group of it is counted as the
+    reduce-scatter that XLA:GPU's reduce-scatter-creator turns it into.
+    """
+    comps, entry = parse_hlo(text)
+    mult, warnings = multiplicities(comps, entry)
+    n = len(device_ids)
+    coords = np.stack(np.unravel_index(np.arange(n), mesh_shape), axis=1)
+    node = np.asarray(device_ids) // gpus_per_node
+    types = {i.name: i.type for ins in comps.values() for i in ins}
+    users: dict[str, list[Instr]] = defaultdict(list)
+    for ins in comps.values():
+        for i in ins:
+            for o in i.operands:
+                users[o].append(i)
+
+    merged: dict[tuple[str, str], Collective] = {}
+    flops = 0.0
+    for cname, instrs in comps.items():
+        k = mult.get(cname, 0)
+        if not k:
+            continue
+        for ins in instrs:
+            if ins.op == "dot":
+                lhs = _dims(types.get(ins.operands[0], ""))
+                contracting = _ints(re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs).group(1))
+                flops += k * 2.0 * math.prod(_dims(ins.type)) * math.prod(lhs[c] for c in contracting)
+                continue
+            kind = ins.op.removesuffix("-start")
+            if kind not in COLLECTIVES or ins.op.endswith("-done"):
+                continue
+            if kind == "collective-permute":
+                start = ins.attrs.index("source_target_pairs=") + len("source_target_pairs=")
+                listed = ins.attrs[start:_balanced(ins.attrs, start)]
+                pairs = [(int(a), int(b)) for a, b in re.findall(r"\{(\d+),(\d+)\}", listed) if a != b]
+                if not pairs:
+                    continue
+                axes = sorted({a for p in pairs for a in _axes_of(p, coords, axis_names)},
+                              key=list(axis_names).index)
+                size = array_bytes(ins.type)
+                crossing = defaultdict(int)
+                for a, b in pairs:
+                    if node[a] != node[b]:
+                        crossing[node[b]] += 1
+                _add(merged, kind, axes, k, size, size, max(crossing.values(), default=0) * size, not crossing)
+                continue
+            groups = replica_groups(ins.attrs, n)
+            g = len(groups[0])
+            if g <= 1:
+                continue
+            axes = _axes_of(groups[0], coords, axis_names)
+            out = array_bytes(ins.type)
+            if kind == "all-reduce" and users[ins.name] and all(
+                    u.op == "dynamic-slice" and array_bytes(u.type) * g == out for u in users[ins.name]):
+                kind = "reduce-scatter"
+            if kind == "all-gather":
+                payload, wire = out, out * (g - 1) / g
+            elif kind == "reduce-scatter":
+                payload = out if ins.op == "all-reduce" else out * g
+                wire = payload * (g - 1) / g
+            elif kind == "all-reduce":
+                payload, wire = out, 2 * out * (g - 1) / g
+            else:  # all-to-all
+                payload, wire = out, out * (g - 1) / g
+            # Into each node over the network: per group, the part of the data held off the node
+            # (x2 for all-reduce: reduce-scatter + all-gather); all groups on a node share its link.
+            factor = {"all-reduce": 2.0}.get(kind, 1.0)
+            per_node = defaultdict(float)
+            for grp in groups:
+                nodes, counts = np.unique(node[grp], return_counts=True)
+                if len(nodes) == 1:
+                    continue
+                for nd, m in zip(nodes, counts):
+                    share = m * payload / g if kind == "all-to-all" else payload
+                    per_node[nd] += factor * share * (1 - m / g)
+            intra = not per_node
+            _add(merged, kind, axes, k, payload, wire, max(per_node.values(), default=0.0), intra)
+    return sorted(merged.values(), key=lambda c: (c.axes, c.kind)), flops, warnings
+
+
+def _add(merged, kind, axes, k, payload, wire, node_bytes, intra):
+    key = (kind, "+".join(axes) or "-")
+    c = merged.setdefault(key, Collective(kind, key[1], 0, 0.0, 0.0, 0.0, True))
+    c.count += k
+    c.payload += k * payload
+    c.traffic += k * wire
+    c.node_bytes += k * node_bytes
+    c.intra_node = c.intra_node and intra
+
+
+# The plan ------------------------------------------------------------------------------------------
+
+def abstract_batch(config, mesh) -> dict[str, Any]:
+    """ShapeDtypeStructs of one global batch as the data pipeline yields it, sharded over 'batch'
+    like the trainer's `_global_batch`: int32 ids/masks/positions/segments [B, T], float32
+    pixel_values [B, N, 3, S, S], int32 image_attention_mask [B, T, N], float32 loss_mask [B, T],
+    int32 dataset_id [B]."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    from idefics_jax import sharding
+
+    d = config.data
+    b, t, n, s = int(d.global_batch_size), int(d.seq_len), int(d.max_num_images), int(d.image_size)
+    shapes = {"input_ids": ((b, t), jnp.int32), "attention_mask": ((b, t), jnp.int32),
+              "position_ids": ((b, t), jnp.int32), "segment_ids": ((b, t), jnp.int32),
+              "pixel_values": ((b, n, 3, s, s), jnp.float32), "image_attention_mask": ((b, t, n), jnp.int32),
+              "loss_mask": ((b, t), jnp.float32), "dataset_id": ((b,), jnp.int32)}
+    out = {}
+    for k, (shape, dtype) in shapes.items():
+        spec = sharding.logical_to_spec(("batch",) + (None,) * (len(shape) - 1))
+        out[k] = jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+    return out
+
+
+def shard_bytes(tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of `tree` (ShapeDtypeStructs / nnx Variables) under `shardings`."""
+    import jax
+
+    total = 0
+    for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+        total += math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+    return total
+
+
+def plan(config, gpus_per_node: int = 8) -> dict[str, Any]:
+    """Compiles the train step of `config` for its mesh over this process's (fake) devices and
+    returns the raw figures (see `report`). The caller must have set up the fake devices and, to get
+    bf16-faithful collectives, the XLA dump of the partitioned program (`main` does both)."""
+    import jax
+
+    from idefics_jax import sharding
+    from idefics_jax.models.idefics import count_params
+    from idefics_jax.train import state as state_lib
+    from idefics_jax.train.metrics import model_flops_per_step
+    from idefics_jax.train.step import make_train_step
+
+    tc, d = config.train, config.data
+    mesh = sharding.make_mesh(config.mesh)
+    lay = state_lib.layout(config, mesh)
+    gbs, micro = int(d.global_batch_size), int(tc.micro_batches)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if gbs % micro or (gbs // micro) % shards:
+        raise ValueError(f"data.global_batch_size={gbs} must split into train.micro_batches={micro} "
+                         f"micro-batches each divisible by the data×fsdp devices ({shards})")
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         lay.abstract, lay.shardings)
+    batch = abstract_batch(config, mesh)
+    num_datasets = len(d.datasets) if d.get("datasets") is not None else 1
+    step = make_train_step(lay, float(tc.z_loss), micro, num_datasets)
+    scalar = jax.ShapeDtypeStruct((), np.float32)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh), sharding.use_rules(lay.rules):
+        lowered = step.lower(state, batch, scalar, scalar)
+        compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+
+    text, source = compiled.as_text(), "the compiled CPU executable (no bf16 in the program)"
+    dump = os.environ.get(_DUMP_ENV)
+    if dump:
+        found = sorted(glob.glob(os.path.join(dump, "*jit_step*after_spmd-partitioning*.txt")))
+        if found:
+            with open(found[-1]) as f:
+                text, source = f.read(), "the partitioned program (after spmd-partitioning)"
+    device_ids = [dev.id for dev in mesh.devices.flat]
+    colls, hw_flops, warnings = collectives_and_flops(text, mesh.devices.shape, mesh.axis_names, device_ids,
+                                                      gpus_per_node)
+    params = count_params(lay.abstract["params"])
+    frozen = count_params(lay.abstract["frozen"])
+    state_bytes = {k: shard_bytes(lay.abstract[k], lay.shardings[k]) for k in ("params", "frozen", "opt_state")}
+    batch_bytes = sum(math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+                      for a in batch.values())
+    return {
+        "mesh": dict(mesh.shape), "devices": mesh.size, "compile_s": compile_s, "hlo_source": source,
+        "warnings": warnings,
+        "params_total": params + frozen, "params_trainable": params,
+        "global_batch": gbs, "seq_len": int(d.seq_len), "micro_batches": micro,
+        "rows_per_device_per_micro_batch": gbs // micro / shards,
+        "bytes": {
+            "trainable_params": state_bytes["params"], "frozen_params": state_bytes["frozen"],
+            "optimizer_state": state_bytes["opt_state"], "batch": batch_bytes,
+            "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+            "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
+        },
+        "collectives": [dataclasses.asdict(c) for c in colls],
+        "hw_flops_per_device": hw_flops,
+        "model_flops": model_flops_per_step(lay.model_config, gbs, int(d.seq_len), int(d.max_num_images)),
+    }
+
+
+def estimate(fig: dict[str, Any], *, peak_tflops: float, efficiency: float, nvlink_gbytes: float,
+             internode_gbits: float, limit_gb: float, reserve_gb: float) -> dict[str, Any]:
+    """Adds the memory total and verdict and the step-time / MFU estimate to `plan`'s figures.
+
+    Step time: matmuls at `efficiency` × peak; collectives bandwidth-bound (no latency term):
+    within a node at `nvlink_gbytes` per GPU, across nodes at `internode_gbits` per node shared by
+    its GPUs. Intra-node collectives (tensor parallelism) sit between dependent matmuls and are
+    exposed; inter-node ones (FSDP gathers and gradient reductions) overlap with compute (XLA's
+    latency-hiding scheduler), so step = max(compute + intra-node, inter-node). The no-overlap
+    bound (their sum) is reported too.
+    """
+    b = fig["bytes"]
+    total = b["arguments"] + b["temporaries"] + b["outputs"] - b["aliased"] + reserve_gb * GB
+    compute = fig["hw_flops_per_device"] / (peak_tflops * 1e12 * efficiency)
+    intra = sum(c["traffic"] for c in fig["collectives"] if c["intra_node"]) / (nvlink_gbytes * GB)
+    inter = sum(c["node_bytes"] for c in fig["collectives"]) / (internode_gbits / 8 * GB)
+    step = max(compute + intra, inter)
+    peak_all = peak_tflops * 1e12 * fig["devices"]
+    return dict(fig, memory_total=total, memory_limit=limit_gb * GB, fits=total <= limit_gb * GB,
+                time={"compute_s": compute, "intra_node_s": intra, "inter_node_s": inter, "step_s": step,
+                      "no_overlap_step_s": compute + intra + inter},
+                mfu=fig["model_flops"] / step / peak_all,
+                mfu_no_overlap=fig["model_flops"] / (compute + intra + inter) / peak_all,
+                assumptions={"peak_tflops": peak_tflops, "matmul_efficiency": efficiency,
+                             "nvlink_gbytes": nvlink_gbytes, "internode_gbits": internode_gbits,
+                             "runtime_reserve_gb": reserve_gb})
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:8.2f} GB" if x >= 0.1 * GB else f"{x / 1e6:8.2f} MB"
+
+
+def report(fig: dict[str, Any]) -> str:
+    """The human-readable plan."""
+    b, t = fig["bytes"], fig["time"]
+    mesh = " × ".join(f"{k} {v}" for k, v in fig["mesh"].items())
+    tokens = fig["global_batch"] * fig["seq_len"]
+    lines = [
+        f"mesh {mesh} = {fig['devices']} devices; compiled in {fig['compile_s']:.0f} s",
+        f"parameters: {fig['params_total']:,} total, {fig['params_trainable']:,} trainable",
+        f"batch: {fig['global_batch']} rows × {fig['seq_len']} tokens = {tokens / 1e6:.2f}M tokens per step, "
+        f"{fig['micro_batches']} micro-batches of {fig['rows_per_device_per_micro_batch']:g} rows per device",
+        "",
+        "memory per device",
+        f"  trainable params  {_gb(b['trainable_params'])}",
+        f"  frozen params     {_gb(b['frozen_params'])}",
+        f"  optimizer state   {_gb(b['optimizer_state'])}",
+        f"  batch             {_gb(b['batch'])}",
+        f"  = step arguments  {_gb(b['arguments'])}  (memory_analysis; outputs alias the donated state)",
+        f"  temporaries       {_gb(b['temporaries'])}  (CPU compile: an upper bound, see --help)",
+        f"  runtime reserve   {_gb(fig['assumptions']['runtime_reserve_gb'] * GB)}",
+        f"  total             {_gb(fig['memory_total'])}  of {fig['memory_limit'] / GB:.0f} GB: "
+        + ("fits" if fig["fits"] else "DOES NOT FIT"),
+        "",
+        f"collectives per step (from {fig['hlo_source']}; bytes per device)",
+        f"  {'axes':<14}{'kind':<20}{'count':>8}{'payload':>14}{'on the wire':>14}{'network/node':>14}",
+    ]
+    for c in fig["collectives"]:
+        lines.append(f"  {c['axes']:<14}{c['kind']:<20}{c['count']:>8}{_gb(c['payload']):>14}"
+                     f"{_gb(c['traffic']):>14}{_gb(c['node_bytes']):>14}")
+    a = fig["assumptions"]
+    lines += [
+        "",
+        f"model FLOPs per step {fig['model_flops']:.3e} (train/metrics.py); compiled matmul FLOPs per device "
+        f"{fig['hw_flops_per_device']:.3e} (× {fig['devices']} = "
+        f"{fig['hw_flops_per_device'] * fig['devices'] / fig['model_flops']:.2f}× model: remat recompute)",
+        f"estimate on A100-80GB ({a['peak_tflops']:g} TFLOP/s bf16 at {a['matmul_efficiency']:.0%} for "
+        f"matmuls; NVLink {a['nvlink_gbytes']:g} GB/s per GPU; network {a['internode_gbits']:g} Gbit/s per "
+        f"node):",
+        f"  compute {t['compute_s']:.2f} s + intra-node collectives {t['intra_node_s']:.2f} s, "
+        f"overlapped with inter-node collectives {t['inter_node_s']:.2f} s",
+        f"  step {t['step_s']:.2f} s → MFU {fig['mfu']:.1%} "
+        f"(no overlap at all: {t['no_overlap_step_s']:.2f} s, MFU {fig['mfu_no_overlap']:.1%})",
+    ]
+    lines += [f"warning: {w}" for w in fig["warnings"]]
+    return "\n".join(lines)
+
+
+def _mesh_size(mesh_cfg, devices: int) -> int:
+    sizes = [int(mesh_cfg.get(a, 1)) for a in ("data", "fsdp", "tensor")]
+    return math.prod(sizes) if -1 not in sizes else devices
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    if config is None:
+        sys.exit("--config is required, e.g. --config configs/80b.py")
+    n = _mesh_size(config.mesh, _DEVICES.value)
+    if os.environ.get(_CHILD_ENV) != str(n):
+        # Fake devices and the dump must be in place before JAX creates its CPU backend: re-execute.
+        dump = tempfile.mkdtemp(prefix="idefics-plan-")
+        env = dict(os.environ, **{_CHILD_ENV: str(n), _DUMP_ENV: dump, "JAX_PLATFORMS": "cpu"})
+        env["XLA_FLAGS"] = " ".join([
+            os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={n}",
+            f"--xla_dump_to={dump}", "--xla_dump_hlo_pass_re=^spmd-partitioning$",
+            "--xla_dump_hlo_module_re=jit_step"])
+        os.execve(sys.executable, [sys.executable, "-m", "idefics_jax.plan", *sys.argv[1:]], env)
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)  # a cache hit would skip the dump
+    try:
+        fig = plan(config, _PER_NODE.value)
+    finally:
+        shutil.rmtree(os.environ.get(_DUMP_ENV, ""), ignore_errors=True)
+    fig = estimate(fig, peak_tflops=_PEAK.value, efficiency=_EFFICIENCY.value, nvlink_gbytes=_NVLINK.value,
+                   internode_gbits=_NETWORK.value, limit_gb=_LIMIT.value, reserve_gb=_RESERVE.value)
+    print(report(fig), flush=True)
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(fig, f, indent=1)
+    if not fig["fits"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
