@@ -546,7 +546,7 @@ def report(fig: dict[str, Any]) -> str:
         f"  = step arguments  {_gb(b['arguments'])}  (memory_analysis; outputs alias the donated state)",
         f"  temporaries       {_gb(b['temporaries'])}  (CPU compile: an upper bound, see --help)",
         f"  runtime reserve   {_gb(fig['assumptions']['runtime_reserve_gb'] * GB)}",
-        f"  total             {_gb(fig['memory_total'])}  of {fig['memory_limit'] / GB:.0f} GB: "
+        f"  total             {_gb(fig['memory_total'])}  of {fig['memory_limit'] / GB:g} GB: "
         + ("fits" if fig["fits"] else "DOES NOT FIT"),
         "",
         f"collectives per step (from {fig['hlo_source']}; bytes per device)",

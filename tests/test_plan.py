@@ -1,0 +1,174 @@
+"""idefics_jax.plan: the HLO reading (replica groups, loops, bytes, FLOPs) on hand-written HLO, and
+the whole plan of a reduced config on a fake 16-device mesh checked against bytes computed by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import ROOT, load_config
+from idefics_jax import plan
+from idefics_jax.config import IdeficsConfig
+from idefics_jax.models import Idefics
+from idefics_jax.models.freeze import trainable_mask
+
+
+@pytest.mark.parametrize("attrs, groups", [
+    ("replica_groups={{0,1},{2,3}}, dimensions={0}", [[0, 1], [2, 3]]),
+    ("replica_groups=[2,2]<=[4], to_apply=%add", [[0, 1], [2, 3]]),
+    ("replica_groups=[2,2]<=[2,2]T(1,0), dimensions={0}", [[0, 2], [1, 3]]),
+    ("replica_groups=[1,8]<=[2,2,2]T(2,1,0)", [[0, 4, 2, 6, 1, 5, 3, 7]]),
+    ("replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_0'}, use_global_device_ids=true", [[0, 2], [1, 3]]),
+    ("replica_groups=mesh['axis_0'=1,'axis_1'=2,'axis_2'=2] {'axis_2'}", [[0, 1], [2, 3]]),
+    # The mesh's devices listed transposed: position (i, j) holds device j*2 + i.
+    ("replica_groups=mesh['axis_0'=2,'axis_1'=2], device_ids=([2,2]T(1,0)) {'axis_1'}", [[0, 2], [1, 3]]),
+    ("replica_groups=mesh['axis_0'=2,'axis_1'=2], device_ids=(3,2,1,0) {'axis_0'}", [[3, 1], [2, 0]]),
+    # Sub-axis: the major half of an axis of 4.
+    ("replica_groups=mesh['axis_0'=4] {'axis_0':(1)2}", [[0, 2], [1, 3]]),
+    ("replica_groups={}", [[0, 1, 2, 3]]),
+])
+def test_replica_group_spellings(attrs, groups):
+    assert plan.replica_groups(attrs, 4) == groups
+
+
+HLO = """HloModule test
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%cond (p0: (s32[], f32[8,16])) -> pred[] {
+  %p0 = (s32[], f32[8,16]{1,0}) parameter(0)
+  %i0 = s32[] get-tuple-element(%p0), index=0
+  %trips = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i0, %trips), direction=LT
+}
+
+%body (p1: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %p1 = (s32[], f32[8,16]{1,0}) parameter(0)
+  %i1 = s32[] get-tuple-element(%p1), index=0
+  %x1 = f32[8,16]{1,0} get-tuple-element(%p1), index=1
+  %w = f32[16,16]{1,0} constant({...})
+  %y = f32[8,16]{1,0} dot(%x1, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %ar = f32[8,16]{1,0} all-reduce(%y), channel_id=1, replica_groups=[2,2]<=[4], to_apply=%add
+  %ag = bf16[8,64]{1,0} all-gather(%yb), channel_id=2, replica_groups=[2,2]<=[2,2]T(1,0), dimensions={1}
+  %rs = f32[8,16]{1,0} all-reduce(%ar), channel_id=3, replica_groups=[2,2]<=[2,2]T(1,0), to_apply=%add
+  %zero = s32[] constant(0)
+  %ds = f32[4,16]{1,0} dynamic-slice(%rs, %i1, %zero), dynamic_slice_sizes={4,16}
+  %cp = f32[8,16]{1,0} collective-permute(%ar), channel_id=4, source_target_pairs={{0,1},{1,0},{2,2}}
+  %one = s32[] constant(1)
+  %next = s32[] add(%i1, %one)
+  ROOT %out = (s32[], f32[8,16]{1,0}) tuple(%next, %cp)
+}
+
+ENTRY %main (x: f32[8,16]) -> f32[8,16] {
+  %x = f32[8,16]{1,0} parameter(0)
+  %start = s32[] constant(0)
+  %init = (s32[], f32[8,16]{1,0}) tuple(%start, %x)
+  %loop = (s32[], f32[8,16]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %res = f32[8,16]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_collectives_and_flops_are_counted_through_loops():
+    # Mesh fsdp 2 × tensor 2 over devices 0..3, two per node: tensor groups stay in a node.
+    colls, flops, warnings = plan.collectives_and_flops(HLO, (2, 2), ("fsdp", "tensor"), [0, 1, 2, 3], 2)
+    assert warnings == []
+    assert flops == 5 * 2 * 8 * 16 * 16
+    got = {(c.axes, c.kind): c for c in colls}
+    assert set(got) == {("tensor", "all-reduce"), ("fsdp", "all-gather"), ("fsdp", "reduce-scatter"),
+                        ("tensor", "collective-permute")}
+    ar = got["tensor", "all-reduce"]
+    assert (ar.count, ar.payload, ar.traffic, ar.node_bytes, ar.intra_node) == (5, 5 * 512, 5 * 512, 0, True)
+    ag = got["fsdp", "all-gather"]  # bf16 [8, 64] gathered over 2 nodes; 2 groups share each node's link
+    assert (ag.count, ag.payload, ag.traffic, ag.node_bytes, ag.intra_node) == (5, 5 * 1024, 5 * 512, 5 * 1024, False)
+    rs = got["fsdp", "reduce-scatter"]  # an all-reduce only sliced afterwards: a reduce-scatter on GPU
+    assert (rs.count, rs.payload, rs.traffic) == (5, 5 * 512, 5 * 256)
+    cp = got["tensor", "collective-permute"]  # {2,2} moves nothing
+    assert (cp.count, cp.payload, cp.node_bytes) == (5, 5 * 512, 0)
+
+
+def test_unknown_trip_count_is_reported():
+    text = HLO.replace("%trips = s32[] constant(5)", "%trips = s32[] get-tuple-element(%p0), index=0")
+    _, flops, warnings = plan.collectives_and_flops(text, (2, 2), ("fsdp", "tensor"), [0, 1, 2, 3], 2)
+    assert flops == 2 * 8 * 16 * 16 and "trip count unknown" in warnings[0]
+
+
+MESH = {"data": 1, "fsdp": 4, "tensor": 4}
+
+
+def by_hand(config) -> dict[str, int]:
+    """Per-device bytes of trainable and frozen params: each leaf's bytes / its number of shards,
+    a dimension being split by the mesh axis its logical name maps to when that axis divides it."""
+    rules = {"embed": "fsdp", "vision_embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab": "tensor",
+             "vision_heads": "tensor", "vision_mlp": "tensor"}
+    model = nnx.eval_shape(lambda: Idefics(IdeficsConfig.from_dict(config.model), rngs=nnx.Rngs(0)))
+    trains = {p: bool(v.get_value()) for p, v in nnx.to_flat_state(trainable_mask(model))}
+    out = {"trainable": 0, "frozen": 0, "trainable_count": 0, "count": 0}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value, axes = var.get_value(), var.get_metadata()["axes"]
+        shards, used = 1, set()
+        for dim, name in zip(value.shape, axes):
+            axis = rules.get(name)
+            if axis and axis not in used and dim % MESH[axis] == 0:
+                shards *= MESH[axis]
+                used.add(axis)
+        key = "trainable" if trains[path] else "frozen"
+        out[key] += value.size * value.dtype.itemsize // shards
+        out["count"] += value.size
+        out["trainable_count"] += value.size if trains[path] else 0
+    return out
+
+
+def test_plan_of_a_reduced_config_on_16_devices(tmp_path):
+    config = load_config("tiny")
+    config.model.freeze_text_layers = config.model.freeze_vision_layers = config.model.freeze_lm_head = True
+    config.mesh.update(MESH)
+    out = tmp_path / "plan.json"
+    overrides = [f"--config.mesh.{k}={v}" for k, v in MESH.items()] + [
+        f"--config.model.{k}=True" for k in ("freeze_text_layers", "freeze_vision_layers", "freeze_lm_head")]
+    # A limit below the total: the plan must say so and exit 1 (the figures are still written).
+    proc = subprocess.run([sys.executable, "-m", "idefics_jax.plan", "--config", os.path.join(ROOT, "configs", "tiny.py"),
+                           *overrides, "--memory_limit_gb=0.01", "--runtime_reserve_gb=0.04", f"--json={out}"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "DOES NOT FIT" in proc.stdout and "fsdp 4 × tensor 4 = 16 devices" in proc.stdout
+    fig = json.loads(out.read_text())
+    hand = by_hand(config)
+    assert fig["params_total"] == hand["count"] and fig["params_trainable"] == hand["trainable_count"]
+    assert 0 < hand["trainable_count"] < hand["count"]
+    b = fig["bytes"]
+    assert (b["trainable_params"], b["frozen_params"]) == (hand["trainable"], hand["frozen"])
+    # Adam: two fp32 moments per trainable parameter, sharded like it, plus its int32 step count.
+    assert 2 * hand["trainable"] <= b["optimizer_state"] <= 2 * hand["trainable"] + 16
+    # XLA's own count of the step's arguments: the state, the batch, 2 int32 counters, 2 f32 scalars.
+    d = config.data
+    rows = d.global_batch_size // (MESH["data"] * MESH["fsdp"])
+    batch = rows * (d.seq_len * (4 * 4 + 4 + 4 * d.max_num_images) + 4
+                    + d.max_num_images * 3 * d.image_size ** 2 * 4)
+    assert b["batch"] == batch
+    state = hand["trainable"] + hand["frozen"] + b["optimizer_state"] + 2 * 4
+    assert state + batch <= b["arguments"] <= state + batch + 8
+    assert b["aliased"] >= hand["trainable"] + hand["frozen"] and b["temporaries"] > 0
+    total = b["arguments"] + b["temporaries"] + b["outputs"] - b["aliased"] + 0.04e9
+    assert fig["memory_total"] == pytest.approx(total) and not fig["fits"]
+    assert plan.estimate(fig, peak_tflops=312, efficiency=0.75, nvlink_gbytes=240, internode_gbits=400,
+                         limit_gb=80, reserve_gb=3)["fits"]
+    # The step's collectives: weights gathered over fsdp, tensor-parallel reductions over tensor.
+    kinds = {(c["axes"], c["kind"]) for c in fig["collectives"]}
+    assert {("fsdp", "all-gather"), ("tensor", "all-reduce")} <= kinds
+    assert fig["rows_per_device_per_micro_batch"] == rows / config.train.micro_batches
+    assert fig["hlo_source"].startswith("the partitioned program")
+    # Compiled matmul FLOPs cover at least the model FLOPs (no remat in tiny: about equal).
+    assert 0.9 < fig["hw_flops_per_device"] * 16 / fig["model_flops"] < 1.5
