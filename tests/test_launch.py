@@ -77,3 +77,29 @@ def test_process_environment():
         ("127.0.0.1:1234", "3", "1")
     with pytest.raises(SystemExit):
         local.main(["-n", "0", "--", "x"])
+
+
+def test_cluster_runtime_flags_are_known_to_xla():
+    # An unknown flag in XLA_FLAGS aborts the process: check launch/slurm/env.sh's against this XLA.
+    proc = subprocess.run(["bash", "-c", "source launch/slurm/env.sh && exec \"$0\" -c 'import jax; jax.devices()'",
+                           sys.executable], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_gpu_no_such_flag=1"))
+    assert bad.returncode != 0
+
+
+def test_sagemaker_entry_point_command():
+    sys.path.insert(0, os.path.join(ROOT, "launch", "sagemaker"))
+    try:
+        import entry
+    finally:
+        sys.path.pop(0)
+    cmd = entry.command(["--config", "configs/9b.py", "--config.train.steps", "10"],
+                        {"SM_CHANNEL_DATA": "/data", "SM_CHANNEL_INIT": "/init"})
+    assert cmd[:4] == ["bash", "-c", 'source launch/slurm/env.sh && exec "$@"', "entry"]
+    train = cmd[4:]
+    assert train[1:5] == ["-m", "idefics_jax.train", "--config", "configs/9b.py"]
+    assert "--config.train.init_from=/init" in train and "--config.data.tokenizer_path=/data/tokenizer" in train
+    assert train[-2:] == ["--config.train.steps", "10"] and "/opt/ml/checkpoints" in train
