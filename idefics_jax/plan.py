@@ -598,6 +598,8 @@ def main(argv):
     jax.config.update("jax_enable_compilation_cache", False)  # a cache hit would skip the dump
     try:
         fig = plan(config, _PER_NODE.value)
+    except ValueError as e:  # a layout that cannot hold this config: say why, no traceback
+        sys.exit(f"plan: {e}")
     finally:
         shutil.rmtree(os.environ.get(_DUMP_ENV, ""), ignore_errors=True)
     fig = estimate(fig, peak_tflops=_PEAK.value, efficiency=_EFFICIENCY.value, nvlink_gbytes=_NVLINK.value,
