@@ -4,13 +4,10 @@ the whole plan of a reduced config on a fake 16-device mesh checked against byte
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import pytest
 from flax import nnx
 
