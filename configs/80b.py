@@ -19,9 +19,11 @@ def get_config():
     c.mesh.fsdp, c.mesh.tensor = 64, 8
     common.web_mixture(c)
     c.data.global_batch_size = 3584        # x 1024 tokens = 3.67M tokens per step, as IDEFICS-80B
-    c.train.micro_batches = 28             # 128 rows per micro-batch: 2 per FSDP shard (8 GPUs)
+    c.train.micro_batches = 14             # 256 rows per micro-batch: 4 per FSDP shard (8 GPUs)
     c.train.steps = 40_000
     c.train.optimizer.update(lr=5e-5, end_lr=3e-5, warmup_steps=2000, decay_steps=40_000)
+    c.train.frozen_dtype = "bfloat16"
+    c.train.frozen_sharding_rules = common.without_fsdp()  # frozen LLaMA/ViT never re-gathered
     c.train.checkpoint_every = 250
     c.train.keep_period = 5000
     return c

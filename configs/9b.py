@@ -2,7 +2,9 @@
 
     python -m idefics_jax.plan --config configs/9b.py
 
-Layout: FSDP across nodes, tensor parallelism inside an 8-GPU node (fsdp=-1 takes the rest).
+Layout: pure FSDP over all GPUs (fsdp=-1), the frozen LLaMA-7B and ViT kept whole on every GPU
+(14 GB in bf16) so no step re-gathers them; at 4096 wide, tensor parallelism would spend more time
+in NVLink all-reduces than it saves (see README, "The plan").
 """
 
 import os
@@ -15,12 +17,14 @@ import common  # noqa: E402
 def get_config():
     c = common.base(common.published(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                      num_attention_heads=32, rms_norm_eps=1e-6))
-    c.mesh.fsdp, c.mesh.tensor = -1, 8
+    c.mesh.fsdp, c.mesh.tensor = -1, 1
     common.web_mixture(c)
     c.data.global_batch_size = 1280        # x 1024 tokens = 1.31M tokens per step, as IDEFICS-9B
-    c.train.micro_batches = 10
+    c.train.micro_batches = 5              # 256 rows per micro-batch: 4 per GPU on 64 GPUs
     c.train.steps = 60_000
     c.train.optimizer.update(lr=1e-5, end_lr=6e-6, warmup_steps=2000, decay_steps=60_000)
+    c.train.frozen_dtype = "bfloat16"
+    c.train.frozen_sharding_rules = common.without_fsdp()  # frozen LLaMA/ViT never re-gathered
     c.train.checkpoint_every = 250
     c.train.keep_period = 5000
     return c

@@ -3,7 +3,7 @@
 A config is a Python file with `get_config()` returning an `ml_collections.ConfigDict` with sections:
 - `model`: the fields of `idefics_jax.config.IdeficsConfig` (nested `vision` / `perceiver`);
 - `mesh`: {data, fsdp, tensor}; one -1 takes the remaining devices;
-- `sharding_rules`: None = the default table in `idefics_jax.sharding`, or [[logical, mesh axes], ...];
+- `sharding_rules`: None = the default table in `idefics_jax.sharding`, or ((logical, mesh axes), ...);
 - `data` / `eval_data`: `idefics_jax.data.default_config()` sections (eval_data None = no eval);
 - `train`: see `train_section()`;
 - `seed`, `workdir` (None: --workdir is required; the tiny config sets a default).
@@ -55,6 +55,11 @@ def train_section() -> ml_collections.ConfigDict:
         micro_batches=1,          # gradient accumulation: global batch = micro_batches × micro-batch
         z_loss=1e-3,              # coefficient of logsumexp² on target tokens
         init_from=ml_collections.FieldReference(None, field_type=str),  # checkpoint dir (convert_weights)
+        # Storage dtype of frozen params (None = model.param_dtype). With bf16 compute, bf16 frozen
+        # weights give the same function at half the memory and all-gather traffic.
+        frozen_dtype=ml_collections.FieldReference(None, field_type=str),
+        # Rules table for the frozen params (None = sharding_rules); see without_fsdp().
+        frozen_sharding_rules=ml_collections.FieldReference(None, field_type=tuple),
         optimizer=dict(lr=1e-4, end_lr=1e-5, warmup_steps=100, decay_steps=1000, b1=0.9, b2=0.999,
                        eps=1e-8, weight_decay=0.1, clip_norm=1.0),
         checkpoint_every=250,
@@ -92,12 +97,21 @@ def web_mixture(c: ml_collections.ConfigDict, root: str = "/data/idefics") -> No
     c.data.seq_len, c.data.max_num_images, c.data.image_size = 1024, 5, 224
 
 
+def without_fsdp() -> tuple:
+    """The default rules with the weights' width axes kept whole over 'fsdp' (split over 'tensor'
+    only). For frozen weights this trades memory (65B bf16 / 8 = 16 GB per GPU for the 80B's LLaMA)
+    for no all-gathers of them at all: the network then carries only the trainable weights."""
+    from idefics_jax.sharding import DEFAULT_RULES
+
+    return tuple((name, None if name in ("embed", "vision_embed") else target) for name, target in DEFAULT_RULES)
+
+
 def base(model: IdeficsConfig) -> ml_collections.ConfigDict:
     """The config skeleton around `model`."""
     c = ml_collections.ConfigDict()
     c.model = model_section(model)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    c.sharding_rules = ml_collections.FieldReference(None, field_type=list)
+    c.sharding_rules = ml_collections.FieldReference(None, field_type=tuple)
     c.data = data.default_config()
     c.eval_data = ml_collections.FieldReference(None, field_type=ml_collections.ConfigDict)
     c.train = train_section()

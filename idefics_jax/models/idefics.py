@@ -23,9 +23,7 @@ from idefics_jax.models import layers as L
 from idefics_jax.models.cross_attention import GatedCrossAttentionLayer
 from idefics_jax.models.llama import DecoderLayer
 from idefics_jax.models.perceiver import PerceiverResampler
-from idefics_jax.models.vision import VisionTransformer
-
-HIDDEN = ("batch", "length", "act_embed")
+from idefics_jax.models.vision import HIDDEN, VisionTransformer
 
 
 class DecoupledEmbedding(nnx.Module):
@@ -106,9 +104,12 @@ class Idefics(nnx.Module):
         S = perceiver latents when `use_resampler`, else ViT patches + CLS.
         """
         b, n = pixel_values.shape[:2]
-        x = self.vision_model(pixel_values.reshape(b * n, *pixel_values.shape[2:]))
+        # Images are split over the batch axes like the rows they belong to; unconstrained, the
+        # partitioner may replicate the whole vision tower's work on every device.
+        pixels = sharding.constrain(pixel_values.reshape(b * n, *pixel_values.shape[2:]), ("batch", None, None, None))
+        x = sharding.constrain(self.vision_model(pixels), HIDDEN)
         if self.perceiver_resampler is not None:
-            x = self.perceiver_resampler(x)
+            x = sharding.constrain(self.perceiver_resampler(x), HIDDEN)
         return x.reshape(b, n * x.shape[1], x.shape[2])
 
     def __call__(self, input_ids: Any, pixel_values: Any = None, image_attention_mask: Any = None,

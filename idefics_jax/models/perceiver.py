@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from idefics_jax import sharding
 from idefics_jax.config import IdeficsConfig
 from idefics_jax.models import layers as L
+from idefics_jax.models.vision import HIDDEN
 
 LN_EPS = 1e-5  # torch nn.LayerNorm default; HF builds these norms without an explicit eps.
 
@@ -94,5 +96,6 @@ class PerceiverResampler(nnx.Module):
     def __call__(self, context: jax.Array) -> jax.Array:
         """context [M, S, E] → latents [M, n_latents, E] in the compute dtype."""
         latents = jnp.broadcast_to(self.latents[...].astype(self.dtype), (context.shape[0], *self.latents.shape))
-        latents = L.scan(self.blocks, lambda blk, lat: blk(context, lat), latents, self.remat)
+        latents = L.scan(self.blocks, lambda blk, lat: sharding.constrain(blk(context, lat), HIDDEN), latents,
+                         self.remat)
         return self.layer_norm(latents)

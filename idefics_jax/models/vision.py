@@ -12,8 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from idefics_jax import sharding
 from idefics_jax.config import IdeficsConfig, VisionConfig
 from idefics_jax.models import layers as L
+
+HIDDEN = ("batch", "length", "act_embed")
 
 
 class VisionAttention(nnx.Module):
@@ -109,5 +112,5 @@ class VisionTransformer(nnx.Module):
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """pixels [M, C, H, W] (any float dtype) → [M, 1 + num_patches, E] in the compute dtype."""
-        x = self.pre_layrnorm(self.embeddings(pixels))
-        return L.scan(self.layers, lambda layer, h: layer(h), x, self.remat)
+        x = sharding.constrain(self.pre_layrnorm(self.embeddings(pixels)), HIDDEN)
+        return L.scan(self.layers, lambda layer, h: sharding.constrain(layer(h), HIDDEN), x, self.remat)

@@ -3,7 +3,10 @@ and the shardings of all of it.
 
 The state is a plain dict pytree, so the train step is a plain `jax.jit` over it:
   params    nnx.State of the trainable Params (the ones `models.freeze.trainable_mask` selects)
-  frozen    nnx.State of the frozen Params (no gradient, no optimizer state)
+  frozen    nnx.State of the frozen Params (no gradient, no optimizer state; laid out by
+            `train.frozen_sharding_rules` when set), stored in
+            `train.frozen_dtype` (bf16 in the GPU configs: lossless there, since the matmuls read
+            them in bf16 anyway, and it halves their memory and FSDP all-gather traffic)
   opt_state optax state over `params` only
   step      int32 [] training steps taken (= the data position)
   updates   int32 [] updates applied (steps minus skipped ones; drives the LR schedule)
@@ -74,10 +77,16 @@ def layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Layout
     """Abstract train state (nothing allocated) and its shardings on `mesh` for a full config."""
     model_config = IdeficsConfig.from_dict(config.model)
     rules = sharding.rules_from_config(config.get("sharding_rules"))
+    # Frozen weights may be laid out differently: e.g. kept whole across FSDP shards (split over
+    # 'tensor' only) so that no step re-gathers them.
+    frozen_rules = (sharding.rules_from_config(config.train.frozen_sharding_rules)
+                    if config.train.get("frozen_sharding_rules") else rules)
     abstract_model = nnx.eval_shape(lambda: Idefics(model_config, rngs=nnx.Rngs(0)))
     mask = {p: bool(v.get_value()) for p, v in nnx.to_flat_state(trainable_mask(abstract_model))}
     owners = {tuple(p): n for p, n in nnx.iter_graph(abstract_model) if isinstance(n, nnx.Module)}
     graphdef, params, frozen = nnx.split(abstract_model, lambda path, _: mask[tuple(path)], nnx.Param)
+    frozen_dtype = jnp.dtype(config.train.get("frozen_dtype") or model_config.param_dtype)
+    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, frozen_dtype), frozen)
     if not jax.tree.leaves(params):
         raise ValueError("model config freezes every parameter: nothing to train")
     decay = jax.tree.map(lambda _: True, params)
@@ -92,7 +101,7 @@ def layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Layout
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = {
         "params": p_sh,
-        "frozen": sharding.state_shardings(frozen, mesh, rules),
+        "frozen": sharding.state_shardings(frozen, mesh, frozen_rules),
         "opt_state": _like_params(opt_abstract, params, p_sh, replicated),
         "step": replicated,
         "updates": replicated,
@@ -128,6 +137,7 @@ def init(lay: Layout, seed: int, params: nnx.State | None = None) -> dict[str, A
     trainable, frozen = split_params(lay, params)
 
     def start(trainable, frozen):
+        frozen = jax.tree.map(lambda x, a: x.astype(a.dtype), frozen, lay.abstract["frozen"])
         return {"params": trainable, "frozen": frozen, "opt_state": lay.tx.init(trainable),
                 "step": jnp.zeros((), jnp.int32), "updates": jnp.zeros((), jnp.int32)}
 
