@@ -1,6 +1,6 @@
 """Our train step vs transformers' IdeficsForVisionText2Text + torch.optim.AdamW, side by side.
 
-    python benchmarks/train_step.py [--steps 10] [--batch 4] [--seq 256]
+    python benchmarks/train_step.py [--steps 10] [--batch 4] [--seq 256] [--hidden 256] [--layers 8]
 
 Same model config, same batch, same freezing (the published flags: vision tower, LLaMA layers and
 base vocabulary frozen), fp32 on this CPU, one process. Each side: AdamW (weight decay 0.1),
@@ -32,11 +32,12 @@ from idefics_jax.train.step import make_train_step
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def model_config() -> IdeficsConfig:
-    """A small IDEFICS with every part of the real one (published freeze flags, qk norms, resampler)."""
+def model_config(hidden: int = 256, layers: int = 8) -> IdeficsConfig:
+    """A small IDEFICS with every part of the real one (published freeze flags, qk norms, resampler);
+    LLaMA's MLP ratio (11008 / 4096) and head dim 32 at width `hidden`."""
     return IdeficsConfig(
-        vocab_size=4000, additional_vocab_size=2, hidden_size=256, intermediate_size=688,
-        num_hidden_layers=8, num_attention_heads=8, cross_layer_interval=4, qk_layer_norms=True,
+        vocab_size=4000, additional_vocab_size=2, hidden_size=hidden, intermediate_size=hidden * 43 // 16,
+        num_hidden_layers=layers, num_attention_heads=hidden // 32, cross_layer_interval=4, qk_layer_norms=True,
         use_resampler=True, alpha_type="vector", alpha_initializer="normal", alphas_initializer_range=0.5,
         freeze_text_layers=True, freeze_vision_layers=True, freeze_lm_head=True,
         vision=VisionConfig(embed_dim=192, image_size=64, intermediate_size=768, patch_size=8,
@@ -143,9 +144,11 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--images", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=256, help="LLaMA width (heads of 32)")
+    ap.add_argument("--layers", type=int, default=8, help="LLaMA layers (a gated cross-attention every 4)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = model_config()
+    cfg = model_config(args.hidden, args.layers)
     data = batch(cfg, args.batch, args.seq, args.images)
     tokens = args.batch * args.seq
     ours, our_loss, weights = time_ours(cfg, data, args.steps)

@@ -267,3 +267,26 @@ def test_restore_onto_another_mesh_gives_the_same_next_loss(tmp_path, first, sec
     run(tmp_path / "b", 3, second)  # restores step 2 onto the other mesh, then takes step 3
     same, other = losses(tmp_path / "a")[3], losses(tmp_path / "b")[3]
     assert abs(same - other) <= 1e-6, (same, other)
+
+
+def test_frozen_weights_can_have_their_own_layout_and_dtype():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("common", os.path.join(ROOT, "configs", "common.py"))
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    config = tiny()
+    config.model.freeze_text_layers = True
+    config.model.freeze_vision_layers = True
+    config.train.frozen_sharding_rules = common.without_fsdp()
+    config.train.frozen_dtype = "bfloat16"
+    lay = state_lib.layout(config, sharding.make_mesh(config.mesh))
+    spec_of = lambda tree, *path: dict(nnx.to_flat_state(tree))[path].get_value().spec
+    # Frozen LLaMA weights: tensor-parallel only, never FSDP-gathered; trainable ones keep FSDP.
+    assert spec_of(lay.shardings["frozen"], "blocks", "layers", "self_attn", "q_proj", "kernel") == \
+        jax.sharding.PartitionSpec(None, None, None, "tensor")
+    assert spec_of(lay.shardings["params"], "blocks", "gated_cross_attn_layer", "cross_attn", "q_proj", "kernel") == \
+        jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    state = state_lib.init(lay, 0)
+    assert {x.dtype for x in jax.tree.leaves(state["frozen"])} == {jnp.dtype("bfloat16")}
+    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype("float32")}
