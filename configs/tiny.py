@@ -3,7 +3,7 @@ bundled tiny dataset (generated on first use, a few seconds).
 
     python -m idefics_jax.train --config configs/tiny.py
 
-trains 300 steps in about a minute and a half on 2 CPU cores (workdir ./workdir/tiny unless
+trains 300 steps in about a minute on 2 CPU cores (workdir ./workdir/tiny unless
 --workdir is given): the loss falls from ~6.3 (uniform over 514 tokens) to well under 2, with a
 held-out evaluation every 100 steps and a checkpoint every 100 steps.
 """

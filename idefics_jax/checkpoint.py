@@ -45,8 +45,13 @@ def manager(directory: str | os.PathLike, options: ocp.CheckpointManagerOptions 
 def read_config(directory: str | os.PathLike, step: int | None = None) -> tuple[int, dict[str, Any]]:
     """(step, the stored config dict) of `step` (default: the latest) in a checkpoint directory."""
     mngr = manager(directory, ocp.CheckpointManagerOptions(read_only=True, create=False))
-    step = _step(mngr, directory, step)
-    cfg = mngr.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+    try:
+        step = _step(mngr, directory, step)
+        cfg = mngr.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+    finally:
+        mngr.close()
+    if "model" not in cfg:
+        raise ValueError(f"{directory}: the config of step {step} has no 'model' section; not one of our checkpoints")
     return step, cfg
 
 
@@ -73,23 +78,13 @@ def restore_params(directory: str | os.PathLike, abstract_params: nnx.State, ste
     target = jax.tree.map(lambda a, s=None: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure,
                           *(() if sh is None else (sh,)))
     mngr = manager(directory, ocp.CheckpointManagerOptions(read_only=True, create=False))
-    restored = mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))[PARAMS]
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))[PARAMS]
+    finally:
+        mngr.close()
     params = jax.tree.map(lambda x: x, abstract_params)
     nnx.replace_by_pure_dict(params, restored)
     return params
-
-
-def save_params(directory: str | os.PathLike, step: int, params: nnx.State, config: Mapping[str, Any]) -> None:
-    """Writes a `params` + `config` checkpoint for `step` (blocking). `config` must hold `model`."""
-    if "model" not in config:
-        raise ValueError("checkpoint config must have a 'model' section (IdeficsConfig.to_dict())")
-    mngr = manager(directory)
-    mngr.save(step, args=ocp.args.Composite(**{
-        PARAMS: ocp.args.StandardSave(nnx.to_pure_dict(params)),
-        CONFIG: ocp.args.JsonSave(dict(config)),
-    }))
-    mngr.wait_until_finished()
-    mngr.close()
 
 
 def load(directory: str | os.PathLike, step: int | None = None, *, mesh: Any = None, rules: Any = None,

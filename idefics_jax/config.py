@@ -33,9 +33,10 @@ def _known(cls, d: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """CLIP ViT tower (HF `IdeficsVisionConfig`); ViT-H/14 is embed_dim 1280, 32 layers, 16 heads."""
+    """CLIP ViT tower (HF `IdeficsVisionConfig`, same defaults, so a config.json that omits a field
+    means what it means to transformers); ViT-H/14 is embed_dim 1280, 32 layers, 16 heads."""
 
-    embed_dim: int = 1280
+    embed_dim: int = 768
     image_size: int = 224
     intermediate_size: int = 5120
     patch_size: int = 14

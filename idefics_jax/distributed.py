@@ -3,7 +3,9 @@
 Sources, first match wins:
 1. explicit: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES, JAX_PROCESS_ID
    (launch/local.py sets these);
-2. SLURM: SLURM_NTASKS > 1 with SLURM_PROCID and SLURM_NODELIST (coordinator = first node of the
+2. SLURM, inside `srun`: SLURM_STEP_NUM_TASKS > 1 with SLURM_PROCID and SLURM_STEP_NODELIST
+   (the job-step variables: the batch script's own shell has SLURM_NTASKS but is no task, and
+   must not try to join; coordinator = first node of the
    list, port JAX_COORDINATOR_PORT or 8476; one task per node driving its 8 GPUs);
 3. SageMaker: SM_HOSTS (JSON list) and SM_CURRENT_HOST (coordinator = first host).
 """
@@ -39,11 +41,11 @@ def settings(env: Mapping[str, str] | None = None) -> dict | None:
             raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not")
         found = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                      num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
-    elif int(env.get("SLURM_NTASKS", "1")) > 1:
-        if "SLURM_NODELIST" not in env or "SLURM_PROCID" not in env:
-            raise ValueError("SLURM_NTASKS > 1 but SLURM_NODELIST or SLURM_PROCID is missing")
-        found = dict(coordinator_address=f"{first_host(env['SLURM_NODELIST'])}:{port}",
-                     num_processes=int(env["SLURM_NTASKS"]), process_id=int(env["SLURM_PROCID"]))
+    elif int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        if "SLURM_STEP_NODELIST" not in env or "SLURM_PROCID" not in env:
+            raise ValueError("SLURM_STEP_NUM_TASKS > 1 but SLURM_STEP_NODELIST or SLURM_PROCID is missing")
+        found = dict(coordinator_address=f"{first_host(env['SLURM_STEP_NODELIST'])}:{port}",
+                     num_processes=int(env["SLURM_STEP_NUM_TASKS"]), process_id=int(env["SLURM_PROCID"]))
     elif "SM_HOSTS" in env:
         hosts = json.loads(env["SM_HOSTS"])
         if len(hosts) <= 1:

@@ -289,10 +289,17 @@ def iter_hf(entry: Entry, value: np.ndarray) -> Iterator[tuple[str, np.ndarray]]
         yield name, entry.to_hf(np.asarray(value[idx]))
 
 
-def check_keys(config: IdeficsConfig, names: list[str], where: str) -> None:
-    """Raises CheckpointError naming the first missing or unexpected HF tensor."""
-    expected = hf_names(config)
-    got = set(names)
+# Non-parameter buffers that some saved HF checkpoints carry (older transformers persisted them);
+# transformers itself ignores them on load.
+BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
+
+
+def check_keys(config: IdeficsConfig, names: list[str], where: str, expected: dict | None = None) -> None:
+    """Raises CheckpointError naming the first missing or unexpected HF tensor (buffers are ignored).
+
+    `expected` is `hf_names(config)` when the caller already has it."""
+    expected = hf_names(config) if expected is None else expected
+    got = {n for n in names if not n.endswith(BUFFER_SUFFIXES)}
     if config.tie_word_embeddings:
         got -= {"lm_head.weight", "lm_head.additional_fc.weight"}
     missing = [n for n in expected if n not in got]
@@ -304,28 +311,28 @@ def check_keys(config: IdeficsConfig, names: list[str], where: str) -> None:
                               "in all); not part of the model config.json describes")
 
 
-def load_state(config: IdeficsConfig, reader: HFReader, mesh: Any = None, rules: Any = None,
-               on_tensor: Callable[[Entry], None] | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+def load_state(config: IdeficsConfig, reader: HFReader, mesh: Any = None,
+               rules: Any = None) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state) with every parameter read from `reader`, cast to `config.param_dtype`.
 
-    With `mesh`, each parameter is placed with its NamedSharding as soon as it is read.
+    With `mesh`, each parameter is placed with its NamedSharding (by `rules`, default the active
+    table) as soon as it is read; the reader's file maps are dropped after each parameter.
     """
     from idefics_jax import sharding
 
-    check_keys(config, reader.keys(), reader.dir)
     graphdef, state = abstract_state(config)
+    table = entries(config, state)
+    check_keys(config, reader.keys(), reader.dir,
+               {name: e.hf_shape for e in table for _, name in e.hf_items()})
     shardings = sharding.state_shardings(state, mesh, rules) if mesh is not None else None
     flat_sh = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     dtype = np.dtype(jax.numpy.dtype(config.param_dtype))
-    by_path = {e.path: e for e in entries(config, state)}
+    by_path = {e.path: e for e in table}
     for path, var in nnx.to_flat_state(state):
-        key = tuple(str(p) for p in path)
-        entry = by_path[key]
-        value = read_stacked(entry, reader.get, dtype)
+        value = read_stacked(by_path[tuple(str(p) for p in path)], reader.get, dtype)
         target = flat_sh.get(path)
         var.set_value(jax.device_put(value, target.get_value() if target is not None else None))
-        if on_tensor is not None:
-            on_tensor(entry)
+        reader.close()
     return graphdef, state
 
 
@@ -339,7 +346,11 @@ class StateDictReader:
     def keys(self) -> list[str]:
         return list(self._sd)
 
+    def close(self) -> None:
+        """Nothing to release (the state dict is in memory)."""
+
     def get(self, name: str) -> np.ndarray:
+        """The tensor `name` as numpy."""
         if name not in self._sd:
             raise CheckpointError(f"{self.dir}: tensor {name!r} is missing")
         t = self._sd[name]

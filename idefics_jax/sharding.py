@@ -48,10 +48,13 @@ def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> Rules:
     if rules is None:
         return DEFAULT_RULES
     out = []
+    known = {name for name, _ in DEFAULT_RULES}
     for i, entry in enumerate(rules):
         if len(entry) != 2 or not isinstance(entry[0], str):
             raise ValueError(f"sharding rule #{i}={entry!r}; expected (logical_name, mesh_axes)")
         name, target = entry
+        if name not in known:
+            raise ValueError(f"sharding rule #{i} names logical axis {name!r}; expected one of {sorted(known)}")
         targets = (target,) if isinstance(target, str) else tuple(target or ())
         for t in targets:
             if t not in MESH_AXES:

@@ -82,9 +82,10 @@ def launch(n: int, devices: int, module: str, args: list[str], env: dict[str, st
                 remaining.remove(p)
                 if rc and not status:
                     status = rc
-                    # A lost peer would leave the others blocked in a collective: stop them.
+                    # A lost peer leaves the others blocked in a collective, where a SIGTERM would
+                    # only set the trainer's stop flag: kill them (their last checkpoint is intact).
                     for q in remaining:
-                        q.terminate()
+                        q.kill()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

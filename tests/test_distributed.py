@@ -16,12 +16,14 @@ def test_first_host_of_a_slurm_node_list(nodelist, host):
 
 
 def test_slurm():
-    env = {"SLURM_NTASKS": "64", "SLURM_PROCID": "5", "SLURM_NODELIST": "gpu[001-064]"}
+    env = {"SLURM_STEP_NUM_TASKS": "64", "SLURM_PROCID": "5", "SLURM_STEP_NODELIST": "gpu[001-064]"}
     assert distributed.settings(env) == {"coordinator_address": "gpu001:8476", "num_processes": 64, "process_id": 5}
     env["JAX_COORDINATOR_PORT"] = "9000"
     assert distributed.settings(env)["coordinator_address"] == "gpu001:9000"
-    with pytest.raises(ValueError, match="SLURM_NODELIST"):
-        distributed.settings({"SLURM_NTASKS": "2", "SLURM_PROCID": "0"})
+    with pytest.raises(ValueError, match="SLURM_STEP_NODELIST"):
+        distributed.settings({"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0"})
+    # The batch script's own shell (outside srun) is no task: a single process.
+    assert distributed.settings({"SLURM_NTASKS": "64", "SLURM_PROCID": "0", "SLURM_NODELIST": "gpu[001-064]"}) is None
 
 
 def test_sagemaker():
@@ -35,7 +37,7 @@ def test_sagemaker():
 
 def test_explicit_environment_wins():
     env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1",
-           "SLURM_NTASKS": "64", "SLURM_PROCID": "5", "SLURM_NODELIST": "gpu[001-064]"}
+           "SLURM_STEP_NUM_TASKS": "64", "SLURM_PROCID": "5", "SLURM_STEP_NODELIST": "gpu[001-064]"}
     assert distributed.settings(env) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}
     with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
         distributed.settings({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})

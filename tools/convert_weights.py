@@ -44,7 +44,7 @@ EXAMPLES = {
 }
 
 # Buffers of the model: recomputed from the config, present in some older checkpoints.
-_BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
+_BUFFER_SUFFIXES = hf.BUFFER_SUFFIXES
 
 
 class ConversionError(Exception):

@@ -43,18 +43,16 @@ class CrossAttention(nnx.Module):
             self.q_layer_norm = self.k_layer_norm = None
         self.num_heads = config.num_attention_heads
 
-    def __call__(self, x: jax.Array, image_states: jax.Array, mask: jax.Array) -> jax.Array:
-        """x [B, T, D], image_states [B, N*S, E], mask bool [B, 1, T, N*S] → [B, T, D].
-
-        Rows of `mask` that are all False (tokens that see no image) give exactly zero.
-        """
+    def __call__(self, x: jax.Array, image_states: jax.Array, mask: jax.Array, live: jax.Array) -> jax.Array:
+        """x [B, T, D], image_states [B, N*S, E], mask bool [B, 1, T, N*S], live bool [B, T] (tokens
+        that see some image) → [B, T, D]; tokens that see no image give exactly zero."""
         n = self.num_heads
         q = L.split_heads(checkpoint_name(self.q_proj(x), "qkv"), n)
         k = L.split_heads(checkpoint_name(self.k_proj(image_states), "qkv"), n)
         v = L.split_heads(checkpoint_name(self.v_proj(image_states), "qkv"), n)
         if self.q_layer_norm is not None:
             q, k = self.q_layer_norm(q), self.k_layer_norm(k)
-        out = checkpoint_name(L.attention(q, k, v, mask, q.shape[-1] ** -0.5), "attn_out")
+        out = checkpoint_name(L.attention(q, k, v, mask, q.shape[-1] ** -0.5, live), "attn_out")
         return self.o_proj(out)
 
 
@@ -73,11 +71,12 @@ class GatedCrossAttentionLayer(nnx.Module):
         self.alpha_cross_attn = L.param(rngs, init, shape, axes, L.dtype_of(pdt))
         self.alpha_dense = L.param(rngs, init, shape, axes, L.dtype_of(pdt))
 
-    def __call__(self, h: jax.Array, image_states: jax.Array | None, mask: jax.Array | None) -> jax.Array:
-        """h [B, T, D]; image_states [B, N*S, E] and mask bool [B, 1, T, N*S], or both None (text only,
-        where the attention contributes nothing) → [B, T, D]."""
+    def __call__(self, h: jax.Array, image_states: jax.Array | None, mask: jax.Array | None,
+                 live: jax.Array | None) -> jax.Array:
+        """h [B, T, D]; image_states [B, N*S, E], mask bool [B, 1, T, N*S] and live bool [B, T], or all
+        None (text only, where the attention contributes nothing) → [B, T, D]."""
         if image_states is not None:
-            attn = self.cross_attn(self.input_layernorm(h), image_states, mask)
+            attn = self.cross_attn(self.input_layernorm(h), image_states, mask, live)
             h = h + self._gate(self.alpha_cross_attn, h.dtype) * attn
         return h + self._gate(self.alpha_dense, h.dtype) * self.mlp(self.post_attention_layernorm(h))
 

@@ -10,7 +10,7 @@ HF layer i (= block i // interval, slot i % interval) sits at `blocks.layers.*[i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +71,23 @@ def _logits(h: jax.Array, w: jax.Array, extra: jax.Array | None, dtype) -> jax.A
     return out if extra is None else jnp.concatenate([out, dot(extra)], axis=-1)
 
 
+class Context(NamedTuple):
+    """What every block reads besides the hidden state, computed once per forward.
+
+    cos, sin float32 [B, T, head_dim] (RoPE); mask bool [B, 1, T, T] (causal ∧ padding ∧ segments);
+    live bool [B, T] (rows of `mask` not all False); image_states [B, N*S, E], image_mask bool
+    [B, 1, T, N*S] and image_live bool [B, T] (tokens that see some image), or None without images.
+    """
+
+    cos: jax.Array
+    sin: jax.Array
+    mask: jax.Array
+    live: jax.Array
+    image_states: jax.Array | None
+    image_mask: jax.Array | None
+    image_live: jax.Array | None
+
+
 class Block(nnx.Module):
     """One scanned unit: a gated cross-attention layer, then `cross_layer_interval` decoder layers."""
 
@@ -79,17 +96,18 @@ class Block(nnx.Module):
         self.layers = L.stack(lambda r: DecoderLayer(config, rngs=r), config.cross_layer_interval, rngs)
         self.remat = config.remat
 
-    def __call__(self, h, image_states, image_mask, cos, sin, mask):
-        """h [B, T, D] → [B, T, D]; see `Idefics.__call__` for the other inputs."""
-        h = L.checkpoint(lambda x: self.gated_cross_attn_layer(x, image_states, image_mask), self.remat)(h)
-        h = L.scan(self.layers, lambda layer, x: layer(x, cos, sin, mask), h, self.remat)
+    def __call__(self, h: jax.Array, ctx: "Context") -> jax.Array:
+        """h [B, T, D] → [B, T, D]."""
+        h = L.checkpoint(lambda x: self.gated_cross_attn_layer(x, ctx.image_states, ctx.image_mask, ctx.image_live),
+                         self.remat)(h)
+        h = L.scan(self.layers, lambda layer, x: layer(x, ctx.cos, ctx.sin, ctx.mask, ctx.live), h, self.remat)
         return sharding.constrain(h, HIDDEN)
 
 
 class Idefics(nnx.Module):
     """IDEFICS for vision→text generation. Create with `Idefics(config, rngs=nnx.Rngs(seed))`."""
 
-    def __init__(self, config: IdeficsConfig, *, rngs: nnx.Rngs | None = None):
+    def __init__(self, config: IdeficsConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embed_tokens = DecoupledEmbedding(config, rngs=rngs)
         self.vision_model = VisionTransformer(config, rngs=rngs)
@@ -141,7 +159,7 @@ class Idefics(nnx.Module):
             seg = _check_shape(segment_ids, (b, t), "segment_ids")
             mask = mask & (seg[:, None, :, None] == seg[:, None, None, :])
 
-        image_states = image_mask = None
+        image_states = image_mask = image_live = None
         if pixel_values is not None:
             pixel_values = jnp.asarray(pixel_values)
             if pixel_values.ndim != 5 or pixel_values.shape[0] != b:
@@ -153,10 +171,12 @@ class Idefics(nnx.Module):
             image_states = sharding.constrain(self.image_states(pixel_values), HIDDEN)
             seq_per_image = image_states.shape[1] // n
             image_mask = jnp.repeat(iam, seq_per_image, axis=-1)[:, None]
+            image_live = iam.any(-1)
 
         h = sharding.constrain(self.embed_tokens(input_ids), HIDDEN)
         cos, sin = L.rotary(position_ids, cfg.head_dim, cfg.rope_theta)
-        h = L.scan(self.blocks, lambda blk, x: blk(x, image_states, image_mask, cos, sin, mask), h, "none")
+        ctx = Context(cos, sin, mask, mask.any(-1)[:, 0], image_states, image_mask, image_live)
+        h = L.scan(self.blocks, lambda blk, x: blk(x, ctx), h, "none")
         h = self.norm(h)
         if self.lm_head is not None:
             return self.lm_head(h)

@@ -27,10 +27,14 @@ def dtype_of(name: str) -> jnp.dtype:
 
 
 def param(rngs: nnx.Rngs | None, init: Callable, shape: Sequence[int], axes: Axes, dtype) -> nnx.Param:
-    """An `nnx.Param` of `shape` initialised by `init(key, shape, dtype)` with logical `axes`."""
+    """An `nnx.Param` of `shape` initialised by `init(key, shape, dtype)` with logical `axes`.
+
+    `rngs` may be None only for the constant initialisers (`ones`, `zeros`)."""
     if len(axes) != len(shape):
         raise ValueError(f"param of shape {tuple(shape)} given {len(axes)} logical axes {axes}")
-    key = rngs.params() if rngs is not None else jax.random.key(0)
+    if rngs is None and init not in (ones, zeros):
+        raise ValueError(f"param of shape {tuple(shape)} needs random init but no rngs were given")
+    key = rngs.params() if rngs is not None else None
     return nnx.Param(init(key, tuple(shape), dtype), axes=tuple(axes))
 
 
@@ -119,7 +123,7 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, d] → [B, T, d]."""
-        h = ACT_FNS[self.act](checkpoint_name(self.gate_proj(x), "mlp_in")) * checkpoint_name(self.up_proj(x), "mlp_in")
+        h = ACT_FNS[self.act](self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(h)
 
 
@@ -128,17 +132,19 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
+              live: jax.Array | None = None) -> jax.Array:
     """Softmax attention, [B, T, N, H] × [B, S, N, H] → [B, T, N*H].
 
-    `mask` is boolean, broadcastable to [B, N, T, S] (True = may attend). Query rows whose mask is all
-    False produce zeros, as torch's SDPA does since 2.5 (they are padding; any value is arbitrary, but
-    zeros keep our logits equal to the reference everywhere, not only on real tokens).
+    `mask` is boolean, broadcastable to [B, N, T, S] (True = may attend). `live` bool [B, T] marks the
+    query rows whose mask is not all False (computed once per forward by the caller, `mask.any(-1)`);
+    the others produce zeros, as torch's SDPA does since 2.5 (they are padding: any value is
+    arbitrary, but zeros keep our logits equal to the reference everywhere, not only on real tokens).
+    Goes through `jax.nn.dot_product_attention` with its default implementation (XLA's).
     """
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
-    if mask is not None:
-        row_live = jnp.any(mask, axis=-1)  # [B|1, N|1, T]
-        out = out * jnp.swapaxes(row_live, 1, 2)[..., None].astype(out.dtype)
+    if live is not None:
+        out = out * live[:, :, None, None].astype(out.dtype)
     return out.reshape(*out.shape[:2], -1)
 
 
@@ -166,7 +172,7 @@ def stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs | None,
 
     Each copy draws its own init key; the logical axis `axis_name` is prepended to every param's axes.
     """
-    keys = jax.random.split(rngs.params() if rngs is not None else jax.random.key(0), n)
+    keys = jax.random.split(rngs.params(), n)
 
     @nnx.vmap(in_axes=0, out_axes=0)
     def create(key):

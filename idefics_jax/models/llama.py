@@ -24,13 +24,14 @@ class SelfAttention(nnx.Module):
         self.o_proj = L.Linear(d, d, ("heads", "embed"), **kw)
         self.num_heads = config.num_attention_heads
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x [B, T, D]; cos/sin [B, T, head_dim] float32; mask bool [B, 1, T, T] → [B, T, D]."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, live: jax.Array) -> jax.Array:
+        """x [B, T, D]; cos/sin [B, T, head_dim] float32; mask bool [B, 1, T, T]; live bool [B, T]
+        (rows of `mask` that are not all False) → [B, T, D]."""
         n = self.num_heads
         q = L.apply_rotary(L.split_heads(checkpoint_name(self.q_proj(x), "qkv"), n), cos, sin)
         k = L.apply_rotary(L.split_heads(checkpoint_name(self.k_proj(x), "qkv"), n), cos, sin)
         v = L.split_heads(checkpoint_name(self.v_proj(x), "qkv"), n)
-        out = checkpoint_name(L.attention(q, k, v, mask, q.shape[-1] ** -0.5), "attn_out")
+        out = checkpoint_name(L.attention(q, k, v, mask, q.shape[-1] ** -0.5, live), "attn_out")
         return self.o_proj(out)
 
 
@@ -45,7 +46,7 @@ class DecoderLayer(nnx.Module):
         self.mlp = L.GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
                               std=config.initializer_range, dtype=config.dtype, param_dtype=pdt, rngs=rngs)
 
-    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, live: jax.Array) -> jax.Array:
         """h [B, T, D] → [B, T, D] (see SelfAttention for the other shapes)."""
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, live)
         return h + self.mlp(self.post_attention_layernorm(h))

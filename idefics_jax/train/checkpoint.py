@@ -58,6 +58,10 @@ class Checkpointer:
     def __init__(self, workdir: str, train_cfg: ml_collections.ConfigDict):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         torn = set_aside_torn(self.directory)
+        if jax.process_count() > 1:  # everyone must see the directory after process 0 tidied it
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("idefics_jax: torn checkpoints set aside")
         for step in torn:
             log.warning("checkpoint step %d in %s is incomplete (torn save): set aside, not used", step,
                         self.directory)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from idefics_jax import checkpoint as fmt
 from idefics_jax import data as data_lib
@@ -84,10 +84,43 @@ class Guards:
         self.rollback_skips = self.rollback_skips + [skip]
 
 
+def _all_agree_to_stop(local: bool) -> bool:
+    """Whether any process got SIGTERM: every process must stop at the same step, or the ones that
+    go on would wait forever in the next step's collectives while the others save."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
+
+
 def _data_config(base: ml_collections.ConfigDict, extra_skips: list[list[int]]) -> ml_collections.ConfigDict:
+    """`base` with the rollback skips joined to its skip_steps, overlapping ranges merged."""
+    merged: list[list[int]] = []
+    for a, b in sorted([list(map(int, r)) for r in base.skip_steps] + [list(r) for r in extra_skips]):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
     cfg = ml_collections.ConfigDict(base.to_dict())
-    cfg.skip_steps = sorted([list(r) for r in base.skip_steps] + [list(r) for r in extra_skips])
+    cfg.skip_steps = merged
     return cfg
+
+
+def validate(tc: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the `train` field that is out of range."""
+    for name in ("steps", "micro_batches", "checkpoint_every", "keep_checkpoints", "log_every", "eval_steps"):
+        if int(tc[name]) < 1:
+            raise ValueError(f"train.{name}={tc[name]!r}; expected an int >= 1")
+    for name in ("keep_period", "eval_every"):
+        if int(tc[name]) < 0:
+            raise ValueError(f"train.{name}={tc[name]!r}; expected an int >= 0 (0 = off)")
+    g = tc.guards
+    if g.spike_action not in ("none", "skip", "rollback"):
+        raise ValueError(f"train.guards.spike_action={g.spike_action!r}; expected 'none', 'skip' or 'rollback'")
+    for name in ("max_nonfinite_in_a_row", "spike_window", "max_rollbacks"):
+        if int(g[name]) < 1:
+            raise ValueError(f"train.guards.{name}={g[name]!r}; expected an int >= 1")
 
 
 def _global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -95,7 +128,9 @@ def _global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     out = {}
     for k, v in local.items():
         spec = sharding.logical_to_spec(("batch",) + (None,) * (v.ndim - 1))
-        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v)
+        # The global shape makes JAX check that the processes' rows really tile the batch axes.
+        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v,
+                                                        (v.shape[0] * jax.process_count(), *v.shape[1:]))
     return out
 
 
@@ -119,6 +154,7 @@ def _init_from(path: str, lay: state_lib.Layout):
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) training in `workdir`; returns a summary {final_step, last_loss, ...}."""
     tc = config.train
+    validate(tc)
     mesh = sharding.make_mesh(config.mesh)
     lay = state_lib.layout(config, mesh)
     writer = Writer(workdir)
@@ -168,7 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         return {"step": step, "updates": updates, "data": pipe.state(), "guards": guards.state(),
                 "seed": int(config.seed)}
 
-    step = int(meta.get("step", 0))
+    step = saved = int(meta.get("step", 0))
     last: dict[str, Any] = {}
     try:
         while step < tc.steps:
@@ -216,8 +252,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 writer.console(f"eval at step {step} | held-out loss {ev['loss']:.4f} over {tc.eval_steps} batches")
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 ckpt.save(step, state, train_state_json(step, int(state["updates"])), config)
-            if stop["signal"] is not None:
-                ckpt.save(step, state, train_state_json(step, int(state["updates"])), config)
+                saved = step
+            if _all_agree_to_stop(stop["signal"] is not None):
+                if saved != step:
+                    ckpt.save(step, state, train_state_json(step, int(state["updates"])), config)
                 ckpt.wait()
                 writer.console(f"received signal {stop['signal']}: saved checkpoint at step {step}, exiting")
                 break

@@ -13,7 +13,7 @@ counter are left bit-identical — and is reported in the metrics.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
