@@ -72,6 +72,7 @@ def train_section() -> ml_collections.ConfigDict:
         peak_flops_per_device=312e12,  # for MFU: A100 bf16 dense
         guards=dict(
             max_nonfinite_in_a_row=5,
+            max_spikes_in_a_row=20,   # with spike_action=skip: stop instead of skipping forever
             spike_action="skip",  # none | skip (drop the update) | rollback (to last ckpt + skip data)
             spike_window=100,     # losses in the rolling window
             spike_sigmas=6.0,     # spike: loss > mean + k·σ of the window

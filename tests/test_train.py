@@ -290,3 +290,31 @@ def test_frozen_weights_can_have_their_own_layout_and_dtype():
     state = state_lib.init(lay, 0)
     assert {x.dtype for x in jax.tree.leaves(state["frozen"])} == {jnp.dtype("bfloat16")}
     assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype("float32")}
+
+
+def test_resume_refuses_a_changed_data_order_or_model(tmp_path):
+    train(tiny(steps=2, checkpoint_every=2, log_every=100), str(tmp_path))
+    changed = tiny(steps=3, checkpoint_every=2, log_every=100)
+    changed.data.seed = 7
+    with pytest.raises(ValueError, match=r"data order would change \(data.seed: 0 → 7\)"):
+        train(changed, str(tmp_path))
+    other = tiny(steps=3)
+    other.model.rms_norm_eps = 1e-5
+    with pytest.raises(ValueError, match=r"model differs from config.model in rms_norm_eps: 1e-06 → 1e-05"):
+        train(other, str(tmp_path))
+
+
+def test_train_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match=r"train.guards.spike_action='rollbak'"):
+        train(tiny(**{"guards.spike_action": "rollbak"}), str(tmp_path))
+    with pytest.raises(ValueError, match=r"train.log_every=0"):
+        train(tiny(log_every=0), str(tmp_path))
+
+
+def test_too_many_spikes_in_a_row_stop_the_run(tmp_path):
+    from idefics_jax.train.loop import TrainingStopped
+
+    with pytest.raises(TrainingStopped, match="2 steps in a row were loss spikes"):
+        train(tiny(steps=10, checkpoint_every=100, log_every=100, **{
+            "debug.loss_scale_at_steps": [[4, 1000.0], [5, 1000.0]], "guards.spike_window": 3,
+            "guards.spike_sigmas": 100.0, "guards.max_spikes_in_a_row": 2}), str(tmp_path))

@@ -43,6 +43,7 @@ class Guards:
         saved = saved or {}
         self.window = collections.deque(saved.get("window", []), maxlen=int(cfg.spike_window))
         self.nonfinite_run = int(saved.get("nonfinite_run", 0))
+        self.spike_run = int(saved.get("spike_run", 0))
         self.counts = {k: int(saved.get("counts", {}).get(k, 0))
                        for k in ("nonfinite_steps", "spike_steps", "rollbacks", "skipped_data_steps")}
         self.rollback_skips = [list(map(int, r)) for r in saved.get("rollback_skips", [])]
@@ -55,6 +56,7 @@ class Guards:
         return float(w.mean() + self.cfg.spike_sigmas * w.std())
 
     def observe(self, loss: float, nonfinite: bool, spike: bool) -> None:
+        """Takes one step's outcome; raises TrainingStopped after too many bad steps in a row."""
         if nonfinite:
             self.nonfinite_run += 1
             self.counts["nonfinite_steps"] += 1
@@ -68,11 +70,21 @@ class Guards:
         self.nonfinite_run = 0
         if spike:
             self.counts["spike_steps"] += 1
+            self.spike_run += 1
+            if self.spike_run >= self.cfg.max_spikes_in_a_row:
+                raise TrainingStopped(
+                    f"{self.spike_run} steps in a row were loss spikes (train.guards.max_spikes_in_a_row="
+                    f"{self.cfg.max_spikes_in_a_row}); the loss level has moved away from the window "
+                    f"(mean + {self.cfg.spike_sigmas}σ of the last {self.cfg.spike_window} losses). "
+                    "Stopping rather than skipping every update; restart with a larger spike_sigmas, or "
+                    "roll back past the data (data.skip_steps).")
         else:
+            self.spike_run = 0
             self.window.append(loss)
 
     def state(self) -> dict:
-        return {"window": list(self.window), "nonfinite_run": self.nonfinite_run, "counts": dict(self.counts),
+        return {"window": list(self.window), "nonfinite_run": self.nonfinite_run, "spike_run": self.spike_run,
+                "counts": dict(self.counts),
                 "rollback_skips": self.rollback_skips}
 
     def rolled_back(self, saved: dict, skip: list[int]) -> None:
@@ -118,7 +130,7 @@ def validate(tc: ml_collections.ConfigDict) -> None:
     g = tc.guards
     if g.spike_action not in ("none", "skip", "rollback"):
         raise ValueError(f"train.guards.spike_action={g.spike_action!r}; expected 'none', 'skip' or 'rollback'")
-    for name in ("max_nonfinite_in_a_row", "spike_window", "max_rollbacks"):
+    for name in ("max_nonfinite_in_a_row", "max_spikes_in_a_row", "spike_window", "max_rollbacks"):
         if int(g[name]) < 1:
             raise ValueError(f"train.guards.{name}={g[name]!r}; expected an int >= 1")
 
@@ -138,17 +150,48 @@ def _loss_scales(cfg: ml_collections.ConfigDict) -> dict[int, float]:
     return {int(s): float(v) for s, v in cfg.debug.loss_scale_at_steps}
 
 
+# Model fields that change how the function is computed or trained, not which function it is.
+_NOT_ARCHITECTURE = ("dtype", "param_dtype", "remat", "freeze_text_layers", "freeze_vision_layers", "freeze_lm_head",
+                     "freeze_text_module_exceptions", "freeze_vision_module_exceptions")
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """'field: a → b' for every (nested) field that differs between two config dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{k}.")
+        elif x != y and not (isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and list(x) == list(y)):
+            out.append(f"{prefix}{k}: {x!r} → {y!r}")
+    return out
+
+
+def _check_same_model(path: str, saved: dict, ours: IdeficsConfig, what: str) -> None:
+    theirs = IdeficsConfig.from_dict(saved["model"]).replace(**{k: getattr(ours, k) for k in _NOT_ARCHITECTURE})
+    diff = _differences(theirs.to_dict(), ours.to_dict())
+    if diff:
+        raise ValueError(f"{what}={path}: its model differs from config.model in {', '.join(diff)}")
+
+
 def _init_from(path: str, lay: state_lib.Layout):
     """Full params from a converted (or any) checkpoint whose model architecture equals ours."""
     step, saved = fmt.read_config(path)
-    theirs = IdeficsConfig.from_dict(saved["model"])
-    ours = lay.model_config
-    keep = ("dtype", "param_dtype", "remat", "freeze_text_layers", "freeze_vision_layers", "freeze_lm_head",
-            "freeze_text_module_exceptions", "freeze_vision_module_exceptions")
-    if theirs.replace(**{k: getattr(ours, k) for k in keep}) != ours:
-        raise ValueError(f"train.init_from={path}: its model config differs from config.model "
-                         f"(ours {ours}, theirs {theirs})")
+    _check_same_model(path, saved, lay.model_config, "train.init_from")
     return fmt.restore_params(path, lay.abstract_params(), step, lay.params_shardings()), step
+
+
+def _check_resumable(directory: str, step: int, config: ml_collections.ConfigDict, lay: state_lib.Layout) -> None:
+    """Refuses to resume a run whose model or data order the config changed (the resume would not
+    be the same run); the message names the fields."""
+    _, saved = fmt.read_config(directory, step)
+    _check_same_model(directory, saved, lay.model_config, "resuming from")
+    keys = ("seed", "global_batch_size", "seq_len", "max_num_images", "datasets")
+    diff = _differences({k: saved.get("data", {}).get(k) for k in keys},
+                        {k: config.data.to_dict().get(k) for k in keys}, "data.")
+    if diff:
+        raise ValueError(f"resuming from {directory} step {step}: the data order would change "
+                         f"({', '.join(diff)}); use a new --workdir, or restore these values")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -169,6 +212,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     meta: dict = {}
     with jax.set_mesh(mesh), sharding.use_rules(lay.rules):
         if latest is not None:
+            _check_resumable(ckpt.directory, latest, config, lay)
             state, meta = ckpt.restore(latest, lay)
             lr = float(lay.lr(meta["updates"]))
             writer.console(f"resumed from checkpoint step {latest} in {ckpt.directory} "
