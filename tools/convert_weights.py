@@ -43,9 +43,6 @@ EXAMPLES = {
             "--llama ~/llama-65b-hf --config configs/80b.py --out /ckpt/idefics-80b-init",
 }
 
-# Buffers of the model: recomputed from the config, present in some older checkpoints.
-_BUFFER_SUFFIXES = hf.BUFFER_SUFFIXES
-
 
 class ConversionError(Exception):
     """A bad input: the message is the one line printed to stderr."""
@@ -357,10 +354,10 @@ def init(args) -> None:
     text = [e for e in entries if e.path[0] != "vision_model" and not is_new(e.path)]
     new = [e for e in entries if is_new(e.path)]
     _check_source_keys(clip, {from_clip(n) for e in vision for _, n in e.hf_items()},
-                       lambda k: k.endswith(_BUFFER_SUFFIXES) or (
+                       lambda k: k.endswith(hf.BUFFER_SUFFIXES) or (
                            clip_kind == "clip" and k.startswith(("text_model.", "visual_projection.",
                                                                  "text_projection.", "logit_scale"))))
-    _check_source_keys(llama, {n for e in text for _, n in e.hf_items()}, lambda k: k.endswith(_BUFFER_SUFFIXES))
+    _check_source_keys(llama, {n for e in text for _, n in e.hf_items()}, lambda k: k.endswith(hf.BUFFER_SUFFIXES))
     seed = args.seed if args.seed is not None else int(cfg.get("seed", 0) or 0)
     dtype = _np_dtype(config.param_dtype)
     budget = _group_bytes(entries, dtype)
