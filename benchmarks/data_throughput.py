@@ -24,7 +24,6 @@ import tempfile
 import time
 
 import ml_collections
-import numpy as np
 from PIL import Image, ImageDraw
 
 from idefics_jax.data import pipeline, tiny

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import math
 import os
 
 import grain

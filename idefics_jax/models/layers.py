@@ -16,7 +16,8 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
+
+from idefics_jax import config as _config
 
 Axes = tuple[str | None, ...]
 
@@ -192,6 +193,10 @@ REMAT_POLICIES: dict[str, Any] = {
     # Save only the q/k/v projections and the attention output: recompute MLPs and softmax.
     "minimal": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
 }
+
+
+# config.py validates names without importing JAX; the tables here must cover exactly those names.
+assert set(ACT_FNS) == set(_config.ACTIVATIONS) and set(REMAT_POLICIES) | {"none"} == set(_config.REMAT_POLICIES)
 
 
 def scan(stacked: nnx.Module, body: Callable[[nnx.Module, Any], Any], carry: Any, remat: str) -> Any:
