@@ -39,7 +39,10 @@ def photo(rng: random.Random) -> bytes:
     d = ImageDraw.Draw(base)
     for _ in range(6):
         x, y = rng.randint(0, 450), rng.randint(0, 330)
-        d.ellipse((x, y, x + rng.randint(20, 120), y + rng.randint(20, 120)), fill=tuple(rng.randint(0, 255) for _ in range(3)))
+        d.ellipse(
+            (x, y, x + rng.randint(20, 120), y + rng.randint(20, 120)),
+            fill=tuple(rng.randint(0, 255) for _ in range(3)),
+        )
     return tiny.jpeg(base)
 
 
@@ -58,7 +61,11 @@ def write_dataset(root: str, n: int) -> dict[str, str]:
             imgs += [None, rng.choice(images)]
         docs_t.append(texts)
         docs_i.append(imgs)
-    pq.write_table(pa.table({"texts": docs_t, "images": pa.array(docs_i, pa.list_(pa.binary()))}), f"{root}/docs.parquet", row_group_size=16)
+    pq.write_table(
+        pa.table({"texts": docs_t, "images": pa.array(docs_i, pa.list_(pa.binary()))}),
+        f"{root}/docs.parquet",
+        row_group_size=16,
+    )
     pq.write_table(
         pa.table({"image": pa.array([rng.choice(images) for _ in range(n)], pa.binary()), "text": [" ".join(rng.choices(words, k=12)) for _ in range(n)]}),
         f"{root}/pairs.parquet",
@@ -109,10 +116,14 @@ def main():
 
     need_tokens = A100_BF16_FLOPS * MFU / (6 * PARAMS_80B)
     need_rows = need_tokens / cfg.seq_len
-    print(f"cores: {os.cpu_count()}; rows of {cfg.seq_len} tokens, ≤{cfg.max_num_images} images of {cfg.image_size}² from 500×375 JPEGs")
+    print(
+        f"cores: {os.cpu_count()}; rows of {cfg.seq_len} tokens, ≤{cfg.max_num_images} images of {cfg.image_size}² from 500×375 JPEGs"
+    )
     print(f"{'':34s}{'rows/s':>10s}{'images/s':>10s}{'tokens/s':>11s}")
     print(f"{'in-process, 1 thread':34s}{one[0]:10.1f}{one[1]:10.1f}{one[2]:11.0f}")
-    print(f"{f'Grain, {args.workers} workers, per worker':34s}{many[0] / args.workers:10.1f}{many[1] / args.workers:10.1f}{many[2] / args.workers:11.0f}")
+    print(
+        f"{f'Grain, {args.workers} workers, per worker':34s}{many[0] / args.workers:10.1f}{many[1] / args.workers:10.1f}{many[2] / args.workers:11.0f}"
+    )
     print(
         f"{'one A100 at the 80B step needs':34s}{need_rows:10.2f}{need_rows * cfg.max_num_images:10.2f}{need_tokens:11.0f}"
         f"   (upper bound: 6·80e9 FLOPs/token, {MFU:.0%} MFU of 312 TFLOP/s, {cfg.max_num_images} images/row)"

@@ -36,14 +36,36 @@ def model_config(hidden: int = 256, layers: int = 8) -> IdeficsConfig:
     """A small IDEFICS with every part of the real one (published freeze flags, qk norms, resampler);
     LLaMA's MLP ratio (11008 / 4096) and head dim 32 at width `hidden`."""
     return IdeficsConfig(
-        vocab_size=4000, additional_vocab_size=2, hidden_size=hidden, intermediate_size=hidden * 43 // 16,
-        num_hidden_layers=layers, num_attention_heads=hidden // 32, cross_layer_interval=4, qk_layer_norms=True,
-        use_resampler=True, alpha_type="vector", alpha_initializer="normal", alphas_initializer_range=0.5,
-        freeze_text_layers=True, freeze_vision_layers=True, freeze_lm_head=True,
-        vision=VisionConfig(embed_dim=192, image_size=64, intermediate_size=768, patch_size=8,
-                            num_hidden_layers=4, num_attention_heads=6),
-        perceiver=PerceiverConfig(resampler_n_latents=32, resampler_depth=2, resampler_n_heads=6,
-                                  resampler_head_dim=32, qk_layer_norms_perceiver=True),
+        vocab_size=4000,
+        additional_vocab_size=2,
+        hidden_size=hidden,
+        intermediate_size=hidden * 43 // 16,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,
+        cross_layer_interval=4,
+        qk_layer_norms=True,
+        use_resampler=True,
+        alpha_type="vector",
+        alpha_initializer="normal",
+        alphas_initializer_range=0.5,
+        freeze_text_layers=True,
+        freeze_vision_layers=True,
+        freeze_lm_head=True,
+        vision=VisionConfig(
+            embed_dim=192,
+            image_size=64,
+            intermediate_size=768,
+            patch_size=8,
+            num_hidden_layers=4,
+            num_attention_heads=6,
+        ),
+        perceiver=PerceiverConfig(
+            resampler_n_latents=32,
+            resampler_depth=2,
+            resampler_n_heads=6,
+            resampler_head_dim=32,
+            qk_layer_norms_perceiver=True,
+        ),
     )
 
 
@@ -51,7 +73,7 @@ def batch(cfg: IdeficsConfig, b: int, t: int, n: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     iam = np.zeros((b, t, n), np.int32)
     for i in range(n):  # image i is seen from position i*t/n on, until the next one
-        iam[:, i * t // n:(i + 1) * t // n, i] = 1
+        iam[:, i * t // n : (i + 1) * t // n, i] = 1
     return dict(
         input_ids=rng.integers(0, cfg.total_vocab_size, (b, t)).astype(np.int32),
         attention_mask=np.ones((b, t), np.int32),
@@ -68,14 +90,29 @@ def time_ours(cfg: IdeficsConfig, data: dict, steps: int) -> tuple[float, float,
     """(seconds per step, first loss, params as HF tensors) of our jitted train step."""
     c = ml_collections.ConfigDict()
     c.model = cfg.to_dict()
-    c.train = ml_collections.ConfigDict(dict(optimizer=dict(lr=1e-4, end_lr=1e-4, warmup_steps=0, decay_steps=1,
-                                                             b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1,
-                                                             clip_norm=1.0)))
+    c.train = ml_collections.ConfigDict(
+        dict(
+            optimizer=dict(
+                lr=1e-4,
+                end_lr=1e-4,
+                warmup_steps=0,
+                decay_steps=1,
+                b1=0.9,
+                b2=0.999,
+                eps=1e-8,
+                weight_decay=0.1,
+                clip_norm=1.0,
+            )
+        )
+    )
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
     lay = state_lib.layout(c, mesh)
     state = state_lib.init(lay, 0)
-    weights = {name: t for e in hf.entries(cfg) for name, t in
-               hf.iter_hf(e, np.asarray(dict(_flat(state_lib.full_params(state)))[e.path]))}
+    weights = {
+        name: t
+        for e in hf.entries(cfg)
+        for name, t in hf.iter_hf(e, np.asarray(dict(_flat(state_lib.full_params(state)))[e.path]))
+    }
     step = make_train_step(lay, 0.0, 1, 1)
     x = {k: jnp.asarray(v) for k, v in data.items()}
     one, inf = jnp.float32(1.0), jnp.float32(np.inf)
@@ -103,10 +140,16 @@ def time_hf(cfg: IdeficsConfig, data: dict, steps: int, weights: dict) -> tuple[
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
-    x = {k: torch.from_numpy(data[k]).long() if data[k].dtype == np.int32 else torch.from_numpy(data[k])
-         for k in ("input_ids", "attention_mask", "pixel_values", "image_attention_mask")}
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-4,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
+    x = {
+        k: torch.from_numpy(data[k]).long() if data[k].dtype == np.int32 else torch.from_numpy(data[k])
+        for k in ("input_ids", "attention_mask", "pixel_values", "image_attention_mask")
+    }
     mask = torch.from_numpy(data["loss_mask"])[:, 1:]
 
     def one_step():
@@ -155,15 +198,19 @@ def main():
     theirs, hf_loss = time_hf(cfg, data, args.steps, weights)
     flops = model_flops_per_step(cfg, args.batch, args.seq, args.images)
     peak = matmul_flops()
-    print(f"config: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} LLaMA layers (+{cfg.num_blocks} gated "
-          f"xattn), ViT {cfg.vision.embed_dim}x{cfg.vision.num_hidden_layers}; batch {args.batch} x {args.seq} "
-          f"tokens, {args.images} images/row; fp32, {jax.devices()[0].platform}, {os.cpu_count()} cores")
+    print(
+        f"config: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} LLaMA layers (+{cfg.num_blocks} gated "
+        f"xattn), ViT {cfg.vision.embed_dim}x{cfg.vision.num_hidden_layers}; batch {args.batch} x {args.seq} "
+        f"tokens, {args.images} images/row; fp32, {jax.devices()[0].platform}, {os.cpu_count()} cores"
+    )
     print(f"first-step loss: ours {our_loss:.5f}  HF {hf_loss:.5f}  (same weights, same batch)")
     print(f"idefics_jax step: {ours * 1e3:8.1f} ms  {tokens / ours:9.0f} tokens/s")
     print(f"HF + torch AdamW: {theirs * 1e3:8.1f} ms  {tokens / theirs:9.0f} tokens/s")
     print(f"speed-up (ours / HF tokens/s): {theirs / ours:.2f}x")
-    print(f"our achieved {flops / ours / 1e9:.1f} GFLOP/s of model FLOPs = {flops / ours / peak:.0%} of the "
-          f"{peak / 1e9:.1f} GFLOP/s fp32 matmul peak measured here")
+    print(
+        f"our achieved {flops / ours / 1e9:.1f} GFLOP/s of model FLOPs = {flops / ours / peak:.0%} of the "
+        f"{peak / 1e9:.1f} GFLOP/s fp32 matmul peak measured here"
+    )
 
 
 if __name__ == "__main__":

@@ -10,16 +10,19 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common
 
 
 def get_config():
-    c = common.base(common.published(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
-                                     num_attention_heads=64, rms_norm_eps=1e-5))
+    c = common.base(
+        common.published(
+            hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64, rms_norm_eps=1e-5
+        )
+    )
     c.mesh.fsdp, c.mesh.tensor = 64, 8
     common.web_mixture(c)
-    c.data.global_batch_size = 3584        # x 1024 tokens = 3.67M tokens per step, as IDEFICS-80B
-    c.train.micro_batches = 14             # 256 rows per micro-batch: 4 per FSDP shard (8 GPUs)
+    c.data.global_batch_size = 3584  # x 1024 tokens = 3.67M tokens per step, as IDEFICS-80B
+    c.train.micro_batches = 14  # 256 rows per micro-batch: 4 per FSDP shard (8 GPUs)
     c.train.steps = 40_000
     c.train.optimizer.update(lr=5e-5, end_lr=3e-5, warmup_steps=2000, decay_steps=40_000)
     c.train.frozen_dtype = "bfloat16"

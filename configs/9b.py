@@ -11,16 +11,19 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common
 
 
 def get_config():
-    c = common.base(common.published(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                     num_attention_heads=32, rms_norm_eps=1e-6))
+    c = common.base(
+        common.published(
+            hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, rms_norm_eps=1e-6
+        )
+    )
     c.mesh.fsdp, c.mesh.tensor = -1, 1
     common.web_mixture(c)
-    c.data.global_batch_size = 1280        # x 1024 tokens = 1.31M tokens per step, as IDEFICS-9B
-    c.train.micro_batches = 5              # 256 rows per micro-batch: 4 per GPU on 64 GPUs
+    c.data.global_batch_size = 1280  # x 1024 tokens = 1.31M tokens per step, as IDEFICS-9B
+    c.train.micro_batches = 5  # 256 rows per micro-batch: 4 per GPU on 64 GPUs
     c.train.steps = 60_000
     c.train.optimizer.update(lr=1e-5, end_lr=6e-6, warmup_steps=2000, decay_steps=60_000)
     c.train.frozen_dtype = "bfloat16"

@@ -22,8 +22,9 @@ def model_section(config: IdeficsConfig) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(config.to_dict())
 
 
-def published(hidden_size: int, intermediate_size: int, num_hidden_layers: int, num_attention_heads: int,
-              rms_norm_eps: float) -> IdeficsConfig:
+def published(
+    hidden_size: int, intermediate_size: int, num_hidden_layers: int, num_attention_heads: int, rms_norm_eps: float
+) -> IdeficsConfig:
     """The published IDEFICS architecture around a LLaMA of the given size (HuggingFaceM4/idefics-*).
 
     LLaMA vocab 32000 + 2 additional tokens (<fake_token_around_image>, <image>), a gated
@@ -32,69 +33,108 @@ def published(hidden_size: int, intermediate_size: int, num_hidden_layers: int, 
     the ViT-H/14 vision tower; vision and LLaMA frozen (only the new parts train), bf16 compute.
     """
     return IdeficsConfig(
-        vocab_size=32000, additional_vocab_size=2, hidden_size=hidden_size,
-        intermediate_size=intermediate_size, num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads, rms_norm_eps=rms_norm_eps, hidden_act="silu",
-        max_position_embeddings=2048, cross_layer_interval=4, qk_layer_norms=True,
-        alpha_type="float", alpha_initializer="zeros", alphas_initializer_range=0.0,
-        use_resampler=True, tie_word_embeddings=False,
-        freeze_text_layers=True, freeze_vision_layers=True, freeze_lm_head=True,
-        vision=VisionConfig(embed_dim=1280, image_size=224, intermediate_size=5120, patch_size=14,
-                            num_hidden_layers=32, num_attention_heads=16, hidden_act="gelu",
-                            layer_norm_eps=1e-5),
-        perceiver=PerceiverConfig(resampler_n_latents=64, resampler_depth=6, resampler_n_heads=16,
-                                  resampler_head_dim=96, qk_layer_norms_perceiver=True),
-        dtype="bfloat16", param_dtype="float32", remat="full",
+        vocab_size=32000,
+        additional_vocab_size=2,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        rms_norm_eps=rms_norm_eps,
+        hidden_act="silu",
+        max_position_embeddings=2048,
+        cross_layer_interval=4,
+        qk_layer_norms=True,
+        alpha_type="float",
+        alpha_initializer="zeros",
+        alphas_initializer_range=0.0,
+        use_resampler=True,
+        tie_word_embeddings=False,
+        freeze_text_layers=True,
+        freeze_vision_layers=True,
+        freeze_lm_head=True,
+        vision=VisionConfig(
+            embed_dim=1280,
+            image_size=224,
+            intermediate_size=5120,
+            patch_size=14,
+            num_hidden_layers=32,
+            num_attention_heads=16,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+        ),
+        perceiver=PerceiverConfig(
+            resampler_n_latents=64,
+            resampler_depth=6,
+            resampler_n_heads=16,
+            resampler_head_dim=96,
+            qk_layer_norms_perceiver=True,
+        ),
+        dtype="bfloat16",
+        param_dtype="float32",
+        remat="full",
     )
 
 
 def train_section() -> ml_collections.ConfigDict:
     """Defaults of the `train` section (the 9b/80b recipe's optimizer numbers are set there)."""
-    return ml_collections.ConfigDict(dict(
-        steps=1000,
-        micro_batches=1,          # gradient accumulation: global batch = micro_batches × micro-batch
-        z_loss=1e-3,              # coefficient of logsumexp² on target tokens
-        init_from=ml_collections.FieldReference(None, field_type=str),  # checkpoint dir (convert_weights)
-        # Storage dtype of frozen params (None = model.param_dtype). With bf16 compute, bf16 frozen
-        # weights give the same function at half the memory and all-gather traffic.
-        frozen_dtype=ml_collections.FieldReference(None, field_type=str),
-        # Rules table for the frozen params (None = sharding_rules); see without_fsdp().
-        frozen_sharding_rules=ml_collections.FieldReference(None, field_type=tuple),
-        optimizer=dict(lr=1e-4, end_lr=1e-5, warmup_steps=100, decay_steps=1000, b1=0.9, b2=0.999,
-                       eps=1e-8, weight_decay=0.1, clip_norm=1.0),
-        checkpoint_every=250,
-        keep_checkpoints=3,       # newest kept
-        keep_period=0,            # steps that are multiples of this are kept forever (0 = none)
-        async_checkpointing=True,
-        eval_every=0,             # 0 = no eval
-        eval_steps=4,
-        log_every=10,
-        peak_flops_per_device=312e12,  # for MFU: A100 bf16 dense
-        guards=dict(
-            max_nonfinite_in_a_row=5,
-            max_spikes_in_a_row=20,   # with spike_action=skip: stop instead of skipping forever
-            spike_action="skip",  # none | skip (drop the update) | rollback (to last ckpt + skip data)
-            spike_window=100,     # losses in the rolling window
-            spike_sigmas=6.0,     # spike: loss > mean + k·σ of the window
-            rollback_skip_steps=200,
-            max_rollbacks=10,
-        ),
-        # [[data step, scale], ...]: multiplies that batch's loss and gradients (fault injection for
-        # tests: nan → a non-finite step; 1000 → a loss spike that follows the bad batch).
-        debug=dict(loss_scale_at_steps=[]),
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            steps=1000,
+            micro_batches=1,  # gradient accumulation: global batch = micro_batches × micro-batch
+            z_loss=1e-3,  # coefficient of logsumexp² on target tokens
+            init_from=ml_collections.FieldReference(None, field_type=str),  # checkpoint dir (convert_weights)
+            # Storage dtype of frozen params (None = model.param_dtype). With bf16 compute, bf16 frozen
+            # weights give the same function at half the memory and all-gather traffic.
+            frozen_dtype=ml_collections.FieldReference(None, field_type=str),
+            # Rules table for the frozen params (None = sharding_rules); see without_fsdp().
+            frozen_sharding_rules=ml_collections.FieldReference(None, field_type=tuple),
+            optimizer=dict(
+                lr=1e-4,
+                end_lr=1e-5,
+                warmup_steps=100,
+                decay_steps=1000,
+                b1=0.9,
+                b2=0.999,
+                eps=1e-8,
+                weight_decay=0.1,
+                clip_norm=1.0,
+            ),
+            checkpoint_every=250,
+            keep_checkpoints=3,  # newest kept
+            keep_period=0,  # steps that are multiples of this are kept forever (0 = none)
+            async_checkpointing=True,
+            eval_every=0,  # 0 = no eval
+            eval_steps=4,
+            log_every=10,
+            peak_flops_per_device=312e12,  # for MFU: A100 bf16 dense
+            guards=dict(
+                max_nonfinite_in_a_row=5,
+                max_spikes_in_a_row=20,  # with spike_action=skip: stop instead of skipping forever
+                spike_action="skip",  # none | skip (drop the update) | rollback (to last ckpt + skip data)
+                spike_window=100,  # losses in the rolling window
+                spike_sigmas=6.0,  # spike: loss > mean + k·σ of the window
+                rollback_skip_steps=200,
+                max_rollbacks=10,
+            ),
+            # [[data step, scale], ...]: multiplies that batch's loss and gradients (fault injection for
+            # tests: nan → a non-finite step; 1000 → a loss spike that follows the bad batch).
+            debug=dict(loss_scale_at_steps=[]),
+        )
+    )
 
 
 def web_mixture(c: ml_collections.ConfigDict, root: str = "/data/idefics") -> None:
     """IDEFICS's training mixture (OBELICS 73.85%, LAION 17.18%, Wikipedia 6.15%, PMD 2.82%) at
     placeholder paths under `root`; override with --config.data.datasets.NAME.paths=..."""
     c.data.tokenizer_path = f"{root}/tokenizer"
-    c.data.datasets = ml_collections.ConfigDict({
-        "obelics": dict(kind="documents", paths=f"{root}/obelics/*.parquet", weight=73.85),
-        "laion": dict(kind="pairs", paths=f"{root}/laion/*.tar", weight=17.18),
-        "wikipedia": dict(kind="documents", paths=f"{root}/wikipedia/*.parquet", weight=6.15),
-        "pmd": dict(kind="pairs", paths=f"{root}/pmd/*.tar", weight=2.82),
-    })
+    c.data.datasets = ml_collections.ConfigDict(
+        {
+            "obelics": dict(kind="documents", paths=f"{root}/obelics/*.parquet", weight=73.85),
+            "laion": dict(kind="pairs", paths=f"{root}/laion/*.tar", weight=17.18),
+            "wikipedia": dict(kind="documents", paths=f"{root}/wikipedia/*.parquet", weight=6.15),
+            "pmd": dict(kind="pairs", paths=f"{root}/pmd/*.tar", weight=2.82),
+        }
+    )
     c.data.seq_len, c.data.max_num_images, c.data.image_size = 1024, 5, 224
 
 

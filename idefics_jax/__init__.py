@@ -37,7 +37,7 @@ def from_hf(path: str | os.PathLike, *, mesh: Any = None, rules: Any = None, **c
 
 def __getattr__(name: str):
     if name == "load":
-        from idefics_jax.checkpoint import load
+        from idefics_jax.ckpt_format import load
 
         return load
     if name == "Idefics":

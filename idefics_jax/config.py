@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "silu", "swish", "relu")
 ALPHA_TYPES = ("float", "vector")
@@ -47,16 +48,30 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self):
-        for name in ("embed_dim", "image_size", "intermediate_size", "patch_size", "num_hidden_layers",
-                     "num_attention_heads", "num_channels"):
+        for name in (
+            "embed_dim",
+            "image_size",
+            "intermediate_size",
+            "patch_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_channels",
+        ):
             v = getattr(self, name)
             _check(isinstance(v, int) and v > 0, f"vision_config.{name}", v, "a positive int")
-        _check(self.embed_dim % self.num_attention_heads == 0, "vision_config.num_attention_heads",
-               self.num_attention_heads, f"a divisor of vision_config.embed_dim={self.embed_dim}")
-        _check(self.image_size % self.patch_size == 0, "vision_config.patch_size", self.patch_size,
-               f"a divisor of vision_config.image_size={self.image_size}")
-        _check(self.hidden_act in ACTIVATIONS, "vision_config.hidden_act", self.hidden_act,
-               f"one of {ACTIVATIONS}")
+        _check(
+            self.embed_dim % self.num_attention_heads == 0,
+            "vision_config.num_attention_heads",
+            self.num_attention_heads,
+            f"a divisor of vision_config.embed_dim={self.embed_dim}",
+        )
+        _check(
+            self.image_size % self.patch_size == 0,
+            "vision_config.patch_size",
+            self.patch_size,
+            f"a divisor of vision_config.image_size={self.image_size}",
+        )
+        _check(self.hidden_act in ACTIVATIONS, "vision_config.hidden_act", self.hidden_act, f"one of {ACTIVATIONS}")
         _check(self.layer_norm_eps > 0, "vision_config.layer_norm_eps", self.layer_norm_eps, "> 0")
 
     @property
@@ -126,36 +141,67 @@ class IdeficsConfig:
     remat: str = "none"
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "cross_layer_interval", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "cross_layer_interval",
+            "max_position_embeddings",
+        ):
             v = getattr(self, name)
             _check(isinstance(v, int) and v > 0, name, v, "a positive int")
-        _check(isinstance(self.additional_vocab_size, int) and self.additional_vocab_size >= 0,
-               "additional_vocab_size", self.additional_vocab_size, "an int >= 0")
-        _check(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
-               self.num_attention_heads, f"a divisor of hidden_size={self.hidden_size}")
-        _check(self.num_hidden_layers % self.cross_layer_interval == 0, "num_hidden_layers",
-               self.num_hidden_layers, f"a multiple of cross_layer_interval={self.cross_layer_interval}")
+        _check(
+            isinstance(self.additional_vocab_size, int) and self.additional_vocab_size >= 0,
+            "additional_vocab_size",
+            self.additional_vocab_size,
+            "an int >= 0",
+        )
+        _check(
+            self.hidden_size % self.num_attention_heads == 0,
+            "num_attention_heads",
+            self.num_attention_heads,
+            f"a divisor of hidden_size={self.hidden_size}",
+        )
+        _check(
+            self.num_hidden_layers % self.cross_layer_interval == 0,
+            "num_hidden_layers",
+            self.num_hidden_layers,
+            f"a multiple of cross_layer_interval={self.cross_layer_interval}",
+        )
         _check(self.hidden_act in ACTIVATIONS, "hidden_act", self.hidden_act, f"one of {ACTIVATIONS}")
         _check(self.alpha_type in ALPHA_TYPES, "alpha_type", self.alpha_type, f"one of {ALPHA_TYPES}")
-        _check(self.alpha_initializer in ALPHA_INITIALIZERS, "alpha_initializer", self.alpha_initializer,
-               f"one of {ALPHA_INITIALIZERS}")
-        _check(self.alphas_initializer_range >= 0, "alphas_initializer_range",
-               self.alphas_initializer_range, ">= 0")
+        _check(
+            self.alpha_initializer in ALPHA_INITIALIZERS,
+            "alpha_initializer",
+            self.alpha_initializer,
+            f"one of {ALPHA_INITIALIZERS}",
+        )
+        _check(self.alphas_initializer_range >= 0, "alphas_initializer_range", self.alphas_initializer_range, ">= 0")
         _check(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "> 0")
         _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "> 0")
-        _check((self.hidden_size // self.num_attention_heads) % 2 == 0, "num_attention_heads",
-               self.num_attention_heads, "a head dim (hidden_size / heads) that is even, for rotary embedding")
+        _check(
+            (self.hidden_size // self.num_attention_heads) % 2 == 0,
+            "num_attention_heads",
+            self.num_attention_heads,
+            "a head dim (hidden_size / heads) that is even, for rotary embedding",
+        )
         for name in ("freeze_text_module_exceptions", "freeze_vision_module_exceptions"):
             v = getattr(self, name)
-            _check(isinstance(v, tuple) and all(x in FREEZE_EXCEPTIONS for x in v), name, v,
-                   f"a tuple of names from {FREEZE_EXCEPTIONS}")
+            _check(
+                isinstance(v, tuple) and all(x in FREEZE_EXCEPTIONS for x in v),
+                name,
+                v,
+                f"a tuple of names from {FREEZE_EXCEPTIONS}",
+            )
         for name in ("dtype", "param_dtype"):
             _check(getattr(self, name) in DTYPES, name, getattr(self, name), f"one of {DTYPES}")
         _check(self.remat in REMAT_POLICIES, "remat", self.remat, f"one of {REMAT_POLICIES}")
         _check(isinstance(self.vision, VisionConfig), "vision", type(self.vision).__name__, "a VisionConfig")
-        _check(isinstance(self.perceiver, PerceiverConfig), "perceiver", type(self.perceiver).__name__,
-               "a PerceiverConfig")
+        _check(
+            isinstance(self.perceiver, PerceiverConfig), "perceiver", type(self.perceiver).__name__, "a PerceiverConfig"
+        )
 
     # Derived sizes -------------------------------------------------------------------------
     @property
@@ -178,12 +224,12 @@ class IdeficsConfig:
             return self.perceiver.resampler_n_latents
         return self.vision.num_patches + 1
 
-    def replace(self, **kw) -> "IdeficsConfig":
+    def replace(self, **kw) -> IdeficsConfig:
         return dataclasses.replace(self, **kw)
 
     # HF round trip ---------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, source: Mapping[str, Any] | str | os.PathLike | Any, **overrides) -> "IdeficsConfig":
+    def from_hf(cls, source: Mapping[str, Any] | str | os.PathLike | Any, **overrides) -> IdeficsConfig:
         """Builds a config from an HF `IdeficsConfig`, its dict, a config.json path or its directory.
 
         `overrides` set our own fields (dtype, param_dtype, remat) or any other field.
@@ -233,8 +279,11 @@ class IdeficsConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict (loadable by `transformers.IdeficsConfig(**d)`)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in ("vision", "perceiver", "dtype", "param_dtype", "remat", "rope_theta")}
+        d = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("vision", "perceiver", "dtype", "param_dtype", "remat", "rope_theta")
+        }
         d["freeze_text_module_exceptions"] = list(self.freeze_text_module_exceptions)
         d["freeze_vision_module_exceptions"] = list(self.freeze_vision_module_exceptions)
         d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
@@ -250,7 +299,7 @@ class IdeficsConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "IdeficsConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> IdeficsConfig:
         """Inverse of `to_dict`; also accepts an ml_collections ConfigDict."""
         d = d.to_dict() if hasattr(d, "to_dict") else dict(d)
         kw = _known(cls, d)

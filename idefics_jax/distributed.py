@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 DEFAULT_PORT = 8476
 
@@ -39,13 +39,19 @@ def settings(env: Mapping[str, str] | None = None) -> dict | None:
         missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
         if missing:
             raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not")
-        found = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                     num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
+        found = dict(
+            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(env["JAX_NUM_PROCESSES"]),
+            process_id=int(env["JAX_PROCESS_ID"]),
+        )
     elif int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
         if "SLURM_STEP_NODELIST" not in env or "SLURM_PROCID" not in env:
             raise ValueError("SLURM_STEP_NUM_TASKS > 1 but SLURM_STEP_NODELIST or SLURM_PROCID is missing")
-        found = dict(coordinator_address=f"{first_host(env['SLURM_STEP_NODELIST'])}:{port}",
-                     num_processes=int(env["SLURM_STEP_NUM_TASKS"]), process_id=int(env["SLURM_PROCID"]))
+        found = dict(
+            coordinator_address=f"{first_host(env['SLURM_STEP_NODELIST'])}:{port}",
+            num_processes=int(env["SLURM_STEP_NUM_TASKS"]),
+            process_id=int(env["SLURM_PROCID"]),
+        )
     elif "SM_HOSTS" in env:
         hosts = json.loads(env["SM_HOSTS"])
         if len(hosts) <= 1:
@@ -53,8 +59,11 @@ def settings(env: Mapping[str, str] | None = None) -> dict | None:
         current = env.get("SM_CURRENT_HOST")
         if current not in hosts:
             raise ValueError(f"SM_CURRENT_HOST={current!r} is not in SM_HOSTS={hosts}")
-        found = dict(coordinator_address=f"{sorted(hosts)[0]}:{port}", num_processes=len(hosts),
-                     process_id=sorted(hosts).index(current))
+        found = dict(
+            coordinator_address=f"{sorted(hosts)[0]}:{port}",
+            num_processes=len(hosts),
+            process_id=sorted(hosts).index(current),
+        )
     else:
         return None
     if found["num_processes"] <= 1:

@@ -17,7 +17,8 @@ import dataclasses
 import itertools
 import json
 import os
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -48,7 +49,7 @@ class Entry:
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
-        return self.shape[len(self.stack):]
+        return self.shape[len(self.stack) :]
 
     def hf_items(self) -> list[tuple[tuple[int, ...], str]]:
         """(index into our leading stack dims, HF tensor name) for every HF tensor of this entry."""
@@ -100,8 +101,14 @@ def _rule(path: Path, config: IdeficsConfig) -> tuple[str, tuple[int, ...], str]
     nb, k = config.num_blocks, config.cross_layer_interval
     head, rest = path[0], path[1:]
     if head == "embed_tokens":
-        return {"weight": "model.embed_tokens.weight",
-                "additional_embedding": "model.embed_tokens.additional_embedding.weight"}[rest[0]], (), "copy"
+        return (
+            {
+                "weight": "model.embed_tokens.weight",
+                "additional_embedding": "model.embed_tokens.additional_embedding.weight",
+            }[rest[0]],
+            (),
+            "copy",
+        )
     if head == "lm_head":
         return {"weight": "lm_head.weight", "additional_fc": "lm_head.additional_fc.weight"}[rest[0]], (), "linear"
     if head == "norm":
@@ -126,8 +133,7 @@ def _rule(path: Path, config: IdeficsConfig) -> tuple[str, tuple[int, ...], str]
         if rest[0] == "blocks":
             sub = {"attn": "0", "mlp": "1"}[rest[1]]
             suffix, kind = _leaf_rule(rest[2:])
-            return (f"model.perceiver_resampler.blocks.{{i}}.{sub}.{suffix}",
-                    (config.perceiver.resampler_depth,), kind)
+            return (f"model.perceiver_resampler.blocks.{{i}}.{sub}.{suffix}", (config.perceiver.resampler_depth,), kind)
     if head == "blocks":
         if rest[0] == "gated_cross_attn_layer":
             suffix, kind = _leaf_rule(rest[1:])
@@ -166,6 +172,7 @@ def hf_names(config: IdeficsConfig) -> dict[str, tuple[int, ...]]:
 
 # Reading HF checkpoints --------------------------------------------------------------------------
 
+
 class CheckpointError(ValueError):
     """A checkpoint file or tensor is missing, corrupt, or not what the config says."""
 
@@ -203,8 +210,9 @@ class HFReader:
                     self._where = {k: path for k in self._keys_of(path)}
                     break
             else:
-                raise CheckpointError(f"{self.dir}: no model.safetensors, model.safetensors.index.json or "
-                                      "pytorch_model.bin found")
+                raise CheckpointError(
+                    f"{self.dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found"
+                )
         for path in sorted(set(self._where.values())):
             if not os.path.exists(path):
                 raise CheckpointError(f"{path}: listed in the index but missing")
@@ -277,8 +285,9 @@ def read_stacked(entry: Entry, read: Callable[[str], np.ndarray], dtype: Any) ->
     for idx, name in entry.hf_items():
         t = read(name)
         if tuple(t.shape) != entry.hf_shape:
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}; expected {entry.hf_shape} "
-                                  "from config.json")
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(t.shape)}; expected {entry.hf_shape} from config.json"
+            )
         out[idx] = entry.to_ours(t).astype(dtype, copy=False)  # no extra copy: assignment copies
     return out
 
@@ -307,12 +316,15 @@ def check_keys(config: IdeficsConfig, names: list[str], where: str, expected: di
         raise CheckpointError(f"{where}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
     unexpected = sorted(got - set(expected))
     if unexpected:
-        raise CheckpointError(f"{where}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected "
-                              "in all); not part of the model config.json describes")
+        raise CheckpointError(
+            f"{where}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected "
+            "in all); not part of the model config.json describes"
+        )
 
 
-def load_state(config: IdeficsConfig, reader: HFReader, mesh: Any = None,
-               rules: Any = None) -> tuple[nnx.GraphDef, nnx.State]:
+def load_state(
+    config: IdeficsConfig, reader: HFReader, mesh: Any = None, rules: Any = None
+) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state) with every parameter read from `reader`, cast to `config.param_dtype`.
 
     With `mesh`, each parameter is placed with its NamedSharding (by `rules`, default the active
@@ -322,8 +334,7 @@ def load_state(config: IdeficsConfig, reader: HFReader, mesh: Any = None,
 
     graphdef, state = abstract_state(config)
     table = entries(config, state)
-    check_keys(config, reader.keys(), reader.dir,
-               {name: e.hf_shape for e in table for _, name in e.hf_items()})
+    check_keys(config, reader.keys(), reader.dir, {name: e.hf_shape for e in table for _, name in e.hf_items()})
     shardings = sharding.state_shardings(state, mesh, rules) if mesh is not None else None
     flat_sh = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     dtype = np.dtype(jax.numpy.dtype(config.param_dtype))
@@ -359,12 +370,16 @@ class StateDictReader:
 
 # Where a tensor lives, for error messages ---------------------------------------------------------
 
+
 def _reader_files(reader: HFReader) -> tuple[str, dict[str, str]]:
     """(the file that lists the tensors: index JSON or the single weights file, name → file)."""
     where = reader._where
     files = sorted(set(where.values()))
-    index = [os.path.join(reader.dir, n) for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-             if os.path.exists(os.path.join(reader.dir, n))]
+    index = [
+        os.path.join(reader.dir, n)
+        for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+        if os.path.exists(os.path.join(reader.dir, n))
+    ]
     return (index[0] if index else files[0] if files else reader.dir), where
 
 
@@ -382,8 +397,18 @@ def file_of(reader: HFReader, name: str) -> str:
 # Writing HF checkpoints: streamed safetensors shards ----------------------------------------------
 
 # safetensors dtype codes (the format's spec) for the numpy dtypes we write.
-_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
-                       "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+_SAFETENSORS_DTYPES = {
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float64": "F64",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
 
 
 def parse_size(size: str | int) -> int:
@@ -416,8 +441,7 @@ class SafetensorsWriter:
     plan: [(HF name, shape, numpy dtype)] in the order to lay out.
     """
 
-    def __init__(self, directory: str | os.PathLike, plan: list[tuple[str, tuple[int, ...], Any]],
-                 max_shard_size: int):
+    def __init__(self, directory: str | os.PathLike, plan: list[tuple[str, tuple[int, ...], Any]], max_shard_size: int):
         self.dir = os.fspath(directory)
         shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
         size = 0
@@ -441,8 +465,11 @@ class SafetensorsWriter:
             offset = 0
             for name, shape, dtype in shard:
                 nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-                header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype.name], "shape": list(shape),
-                                "data_offsets": [offset, offset + nbytes]}
+                header[name] = {
+                    "dtype": _SAFETENSORS_DTYPES[dtype.name],
+                    "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes],
+                }
                 offset += nbytes
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it

@@ -36,24 +36,35 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=False)
-_DEVICES = flags.DEFINE_integer("devices", 512, "Devices to plan for when the config's mesh has a -1 axis "
-                                "(a mesh with fixed sizes sets the count itself).")
+_DEVICES = flags.DEFINE_integer(
+    "devices",
+    512,
+    "Devices to plan for when the config's mesh has a -1 axis (a mesh with fixed sizes sets the count itself).",
+)
 _LIMIT = flags.DEFINE_float("memory_limit_gb", 80.0, "Per-device memory limit, GB (1e9 bytes).")
-_RESERVE = flags.DEFINE_float("runtime_reserve_gb", 3.0, "Per-device memory outside XLA's buffers on the GPU "
-                              "(CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers), GB.")
+_RESERVE = flags.DEFINE_float(
+    "runtime_reserve_gb",
+    3.0,
+    "Per-device memory outside XLA's buffers on the GPU (CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers), GB.",
+)
 _PEAK = flags.DEFINE_float("peak_tflops", 312.0, "Dense bf16 peak per device, TFLOP/s (A100: 312).")
 _EFFICIENCY = flags.DEFINE_float("matmul_efficiency", 0.75, "Fraction of peak the step's matmuls reach.")
-_NVLINK = flags.DEFINE_float("nvlink_gbytes", 240.0, "Per-GPU NVLink bandwidth one way, GB/s (A100 NVLink3: "
-                             "300 GB/s per direction, ~240 achieved by NCCL rings).")
-_NETWORK = flags.DEFINE_float("internode_gbits", 400.0, "Per-node network bandwidth one way, Gbit/s "
-                              "(p4d.24xlarge: 4 x 100 Gbit/s EFA).")
+_NVLINK = flags.DEFINE_float(
+    "nvlink_gbytes",
+    240.0,
+    "Per-GPU NVLink bandwidth one way, GB/s (A100 NVLink3: 300 GB/s per direction, ~240 achieved by NCCL rings).",
+)
+_NETWORK = flags.DEFINE_float(
+    "internode_gbits", 400.0, "Per-node network bandwidth one way, Gbit/s (p4d.24xlarge: 4 x 100 Gbit/s EFA)."
+)
 _PER_NODE = flags.DEFINE_integer("gpus_per_node", 8, "Devices per node (devices are numbered node by node).")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures as JSON to this file.")
 
@@ -64,8 +75,25 @@ GB = 1e9
 
 # HLO text ----------------------------------------------------------------------------------------
 
-_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s4": 0.5,
+    "u4": 0.5,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
@@ -96,17 +124,17 @@ def _balanced(text: str, start: int) -> int:
             stack.pop()
             if not stack:
                 return i + 1
-    raise ValueError(f"unbalanced brackets in HLO: {text[start:start + 80]!r}")
+    raise ValueError(f"unbalanced brackets in HLO: {text[start : start + 80]!r}")
 
 
 @dataclasses.dataclass
 class Instr:
     name: str
-    type: str           # result type text
-    op: str             # opcode, e.g. 'all-gather'
+    type: str  # result type text
+    op: str  # opcode, e.g. 'all-gather'
     operands: list[str]  # operand instruction names
-    args: str           # the text between the operand parentheses (a constant's value)
-    attrs: str          # everything after the operand list
+    args: str  # the text between the operand parentheses (a constant's value)
+    attrs: str  # everything after the operand list
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
@@ -142,8 +170,9 @@ def parse_hlo(text: str) -> tuple[dict[str, list[Instr]], str]:
         paren = line.index("(", op_start)
         close = _balanced(line, paren)
         operands = re.findall(r"%([\w.\-]+)", line[paren:close])
-        comps[current].append(Instr(m.group(1), type_text, line[op_start:paren], operands, line[paren + 1:close - 1],
-                                    line[close:]))
+        comps[current].append(
+            Instr(m.group(1), type_text, line[op_start:paren], operands, line[paren + 1 : close - 1], line[close:])
+        )
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     return comps, entry
@@ -208,6 +237,7 @@ def multiplicities(comps: dict[str, list[Instr]], entry: str) -> tuple[dict[str,
 
 # Replica groups ----------------------------------------------------------------------------------
 
+
 def _iota(dims: Sequence[int], perm: Sequence[int] | None) -> np.ndarray:
     a = np.arange(math.prod(dims)).reshape(dims)
     return a.transpose(perm) if perm else a
@@ -224,9 +254,9 @@ def replica_groups(attrs: str, num_devices: int) -> list[list[int]]:
     m = re.search(r"replica_groups=", attrs)
     if not m:
         return [list(range(num_devices))]
-    text = attrs[m.end():]
+    text = attrs[m.end() :]
     if text.startswith("{"):
-        body = text[1:_balanced(text, 0) - 1]
+        body = text[1 : _balanced(text, 0) - 1]
         groups = [_ints(g) for g in re.findall(r"\{([^}]*)\}", body)]
         return groups or [list(range(num_devices))]
     if text.startswith("["):
@@ -249,7 +279,7 @@ def _mesh_groups(text: str) -> list[list[int]]:
     d = re.match(r"\s*,\s*device_ids=\(", rest)
     if d:
         inner_end = _balanced(rest, d.end() - 1)
-        inner = rest[d.end():inner_end - 1]
+        inner = rest[d.end() : inner_end - 1]
         t = re.match(r"\[([\d,]+)\](?:T\(([\d,]+)\))?$", inner.strip())
         if t:
             ids = _iota(_ints(t.group(1)), _ints(t.group(2)) if t.group(2) else None).reshape(-1)
@@ -257,7 +287,7 @@ def _mesh_groups(text: str) -> list[list[int]]:
             ids = np.asarray(_ints(inner))
         rest = rest[inner_end:]
     brace = rest.index("{")
-    refs = re.findall(r"'([^']+)'(?::\((\d+)\)(\d+))?", rest[brace:_balanced(rest, brace)])
+    refs = re.findall(r"'([^']+)'(?::\((\d+)\)(\d+))?", rest[brace : _balanced(rest, brace)])
     # Each mesh dimension is split into [pre, size, post] pieces around the sub-axes it is grouped
     # by (XLA's AxisRef `name:(pre)size`); the grouped pieces go last, then rows are the groups.
     by_dim: dict[int, list[tuple[int, int]]] = defaultdict(list)
@@ -283,13 +313,14 @@ def _mesh_groups(text: str) -> list[list[int]]:
 
 # Collectives and FLOPs of one step -----------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Collective:
-    kind: str          # all-gather | reduce-scatter | all-reduce | all-to-all | collective-permute
-    axes: str          # mesh axes it runs over, e.g. 'fsdp', 'tensor', 'fsdp+tensor'
-    count: int         # executions per step
-    payload: float     # bytes per device per step: the full buffer (gathered result / reduced input)
-    traffic: float     # bytes per device per step on the wire (ring algorithms)
+    kind: str  # all-gather | reduce-scatter | all-reduce | all-to-all | collective-permute
+    axes: str  # mesh axes it runs over, e.g. 'fsdp', 'tensor', 'fsdp+tensor'
+    count: int  # executions per step
+    payload: float  # bytes per device per step: the full buffer (gathered result / reduced input)
+    traffic: float  # bytes per device per step on the wire (ring algorithms)
     node_bytes: float  # bytes into the busiest node per step over the network (0 within a node)
     intra_node: bool
 
@@ -299,8 +330,9 @@ def _axes_of(members: Iterable[int], coords: np.ndarray, axis_names: Sequence[st
     return tuple(a for k, a in enumerate(axis_names) if len(set(pts[:, k])) > 1)
 
 
-def collectives_and_flops(text: str, mesh_shape: Sequence[int], axis_names: Sequence[str],
-                          device_ids: Sequence[int], gpus_per_node: int):
+def collectives_and_flops(
+    text: str, mesh_shape: Sequence[int], axis_names: Sequence[str], device_ids: Sequence[int], gpus_per_node: int
+):
     """Per-device collectives (merged by kind and axes) and matmul FLOPs of one execution of an HLO
     module partitioned over a mesh of `mesh_shape`; partition p is `device_ids[p]` (node p // per node).
 
@@ -336,12 +368,11 @@ def collectives_and_flops(text: str, mesh_shape: Sequence[int], axis_names: Sequ
                 continue
             if kind == "collective-permute":
                 start = ins.attrs.index("source_target_pairs=") + len("source_target_pairs=")
-                listed = ins.attrs[start:_balanced(ins.attrs, start)]
+                listed = ins.attrs[start : _balanced(ins.attrs, start)]
                 pairs = [(int(a), int(b)) for a, b in re.findall(r"\{(\d+),(\d+)\}", listed) if a != b]
                 if not pairs:
                     continue
-                axes = sorted({a for p in pairs for a in _axes_of(p, coords, axis_names)},
-                              key=list(axis_names).index)
+                axes = sorted({a for p in pairs for a in _axes_of(p, coords, axis_names)}, key=list(axis_names).index)
                 size = array_bytes(ins.type)
                 crossing = defaultdict(int)
                 for a, b in pairs:
@@ -355,8 +386,11 @@ def collectives_and_flops(text: str, mesh_shape: Sequence[int], axis_names: Sequ
                 continue
             axes = _axes_of(groups[0], coords, axis_names)
             out = array_bytes(ins.type)
-            if kind == "all-reduce" and users[ins.name] and all(
-                    u.op == "dynamic-slice" and array_bytes(u.type) * g == out for u in users[ins.name]):
+            if (
+                kind == "all-reduce"
+                and users[ins.name]
+                and all(u.op == "dynamic-slice" and array_bytes(u.type) * g == out for u in users[ins.name])
+            ):
                 kind = "reduce-scatter"
             if kind == "all-gather":
                 payload, wire = out, out * (g - 1) / g
@@ -395,6 +429,7 @@ def _add(merged, kind, axes, k, payload, wire, node_bytes, intra):
 
 # The plan ------------------------------------------------------------------------------------------
 
+
 def abstract_batch(config, mesh) -> dict[str, Any]:
     """ShapeDtypeStructs of one global batch as the data pipeline yields it, sharded over 'batch'
     like the trainer's `_global_batch`: int32 ids/masks/positions/segments [B, T], float32
@@ -408,10 +443,16 @@ def abstract_batch(config, mesh) -> dict[str, Any]:
 
     d = config.data
     b, t, n, s = int(d.global_batch_size), int(d.seq_len), int(d.max_num_images), int(d.image_size)
-    shapes = {"input_ids": ((b, t), jnp.int32), "attention_mask": ((b, t), jnp.int32),
-              "position_ids": ((b, t), jnp.int32), "segment_ids": ((b, t), jnp.int32),
-              "pixel_values": ((b, n, 3, s, s), jnp.float32), "image_attention_mask": ((b, t, n), jnp.int32),
-              "loss_mask": ((b, t), jnp.float32), "dataset_id": ((b,), jnp.int32)}
+    shapes = {
+        "input_ids": ((b, t), jnp.int32),
+        "attention_mask": ((b, t), jnp.int32),
+        "position_ids": ((b, t), jnp.int32),
+        "segment_ids": ((b, t), jnp.int32),
+        "pixel_values": ((b, n, 3, s, s), jnp.float32),
+        "image_attention_mask": ((b, t, n), jnp.int32),
+        "loss_mask": ((b, t), jnp.float32),
+        "dataset_id": ((b,), jnp.int32),
+    }
     out = {}
     for k, (shape, dtype) in shapes.items():
         spec = sharding.logical_to_spec(("batch",) + (None,) * (len(shape) - 1))
@@ -447,10 +488,11 @@ def plan(config, gpus_per_node: int = 8) -> dict[str, Any]:
     gbs, micro = int(d.global_batch_size), int(tc.micro_batches)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if gbs % micro or (gbs // micro) % shards:
-        raise ValueError(f"data.global_batch_size={gbs} must split into train.micro_batches={micro} "
-                         f"micro-batches each divisible by the data×fsdp devices ({shards})")
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         lay.abstract, lay.shardings)
+        raise ValueError(
+            f"data.global_batch_size={gbs} must split into train.micro_batches={micro} "
+            f"micro-batches each divisible by the data×fsdp devices ({shards})"
+        )
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), lay.abstract, lay.shardings)
     batch = abstract_batch(config, mesh)
     num_datasets = len(d.datasets) if d.get("datasets") is not None else 1
     step = make_train_step(lay, float(tc.z_loss), micro, num_datasets)
@@ -470,24 +512,34 @@ def plan(config, gpus_per_node: int = 8) -> dict[str, Any]:
             with open(found[-1]) as f:
                 text, source = f.read(), "the partitioned program (after spmd-partitioning)"
     device_ids = [dev.id for dev in mesh.devices.flat]
-    colls, hw_flops, warnings = collectives_and_flops(text, mesh.devices.shape, mesh.axis_names, device_ids,
-                                                      gpus_per_node)
+    colls, hw_flops, warnings = collectives_and_flops(
+        text, mesh.devices.shape, mesh.axis_names, device_ids, gpus_per_node
+    )
     params = count_params(lay.abstract["params"])
     frozen = count_params(lay.abstract["frozen"])
     state_bytes = {k: shard_bytes(lay.abstract[k], lay.shardings[k]) for k in ("params", "frozen", "opt_state")}
-    batch_bytes = sum(math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
-                      for a in batch.values())
+    batch_bytes = sum(math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize for a in batch.values())
     return {
-        "mesh": dict(mesh.shape), "devices": mesh.size, "compile_s": compile_s, "hlo_source": source,
+        "mesh": dict(mesh.shape),
+        "devices": mesh.size,
+        "compile_s": compile_s,
+        "hlo_source": source,
         "warnings": warnings,
-        "params_total": params + frozen, "params_trainable": params,
-        "global_batch": gbs, "seq_len": int(d.seq_len), "micro_batches": micro,
+        "params_total": params + frozen,
+        "params_trainable": params,
+        "global_batch": gbs,
+        "seq_len": int(d.seq_len),
+        "micro_batches": micro,
         "rows_per_device_per_micro_batch": gbs // micro / shards,
         "bytes": {
-            "trainable_params": state_bytes["params"], "frozen_params": state_bytes["frozen"],
-            "optimizer_state": state_bytes["opt_state"], "batch": batch_bytes,
-            "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
-            "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
+            "trainable_params": state_bytes["params"],
+            "frozen_params": state_bytes["frozen"],
+            "optimizer_state": state_bytes["opt_state"],
+            "batch": batch_bytes,
+            "arguments": mem.argument_size_in_bytes,
+            "outputs": mem.output_size_in_bytes,
+            "aliased": mem.alias_size_in_bytes,
+            "temporaries": mem.temp_size_in_bytes,
         },
         "collectives": [dataclasses.asdict(c) for c in colls],
         "hw_flops_per_device": hw_flops,
@@ -495,8 +547,16 @@ def plan(config, gpus_per_node: int = 8) -> dict[str, Any]:
     }
 
 
-def estimate(fig: dict[str, Any], *, peak_tflops: float, efficiency: float, nvlink_gbytes: float,
-             internode_gbits: float, limit_gb: float, reserve_gb: float) -> dict[str, Any]:
+def estimate(
+    fig: dict[str, Any],
+    *,
+    peak_tflops: float,
+    efficiency: float,
+    nvlink_gbytes: float,
+    internode_gbits: float,
+    limit_gb: float,
+    reserve_gb: float,
+) -> dict[str, Any]:
     """Adds the memory total and verdict and the step-time / MFU estimate to `plan`'s figures.
 
     Step time: matmuls at `efficiency` × peak; collectives bandwidth-bound (no latency term):
@@ -513,14 +573,28 @@ def estimate(fig: dict[str, Any], *, peak_tflops: float, efficiency: float, nvli
     inter = sum(c["node_bytes"] for c in fig["collectives"]) / (internode_gbits / 8 * GB)
     step = max(compute + intra, inter)
     peak_all = peak_tflops * 1e12 * fig["devices"]
-    return dict(fig, memory_total=total, memory_limit=limit_gb * GB, fits=total <= limit_gb * GB,
-                time={"compute_s": compute, "intra_node_s": intra, "inter_node_s": inter, "step_s": step,
-                      "no_overlap_step_s": compute + intra + inter},
-                mfu=fig["model_flops"] / step / peak_all,
-                mfu_no_overlap=fig["model_flops"] / (compute + intra + inter) / peak_all,
-                assumptions={"peak_tflops": peak_tflops, "matmul_efficiency": efficiency,
-                             "nvlink_gbytes": nvlink_gbytes, "internode_gbits": internode_gbits,
-                             "runtime_reserve_gb": reserve_gb})
+    return dict(
+        fig,
+        memory_total=total,
+        memory_limit=limit_gb * GB,
+        fits=total <= limit_gb * GB,
+        time={
+            "compute_s": compute,
+            "intra_node_s": intra,
+            "inter_node_s": inter,
+            "step_s": step,
+            "no_overlap_step_s": compute + intra + inter,
+        },
+        mfu=fig["model_flops"] / step / peak_all,
+        mfu_no_overlap=fig["model_flops"] / (compute + intra + inter) / peak_all,
+        assumptions={
+            "peak_tflops": peak_tflops,
+            "matmul_efficiency": efficiency,
+            "nvlink_gbytes": nvlink_gbytes,
+            "internode_gbits": internode_gbits,
+            "runtime_reserve_gb": reserve_gb,
+        },
+    )
 
 
 def _gb(x: float) -> str:
@@ -553,8 +627,10 @@ def report(fig: dict[str, Any]) -> str:
         f"  {'axes':<14}{'kind':<20}{'count':>8}{'payload':>14}{'on the wire':>14}{'network/node':>14}",
     ]
     for c in fig["collectives"]:
-        lines.append(f"  {c['axes']:<14}{c['kind']:<20}{c['count']:>8}{_gb(c['payload']):>14}"
-                     f"{_gb(c['traffic']):>14}{_gb(c['node_bytes']):>14}")
+        lines.append(
+            f"  {c['axes']:<14}{c['kind']:<20}{c['count']:>8}{_gb(c['payload']):>14}"
+            f"{_gb(c['traffic']):>14}{_gb(c['node_bytes']):>14}"
+        )
     a = fig["assumptions"]
     lines += [
         "",
@@ -588,10 +664,15 @@ def main(argv):
         # Fake devices and the dump must be in place before JAX creates its CPU backend: re-execute.
         dump = tempfile.mkdtemp(prefix="idefics-plan-")
         env = dict(os.environ, **{_CHILD_ENV: str(n), _DUMP_ENV: dump, "JAX_PLATFORMS": "cpu"})
-        env["XLA_FLAGS"] = " ".join([
-            os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={n}",
-            f"--xla_dump_to={dump}", "--xla_dump_hlo_pass_re=^spmd-partitioning$",
-            "--xla_dump_hlo_module_re=jit_step"])
+        env["XLA_FLAGS"] = " ".join(
+            [
+                os.environ.get("XLA_FLAGS", ""),
+                f"--xla_force_host_platform_device_count={n}",
+                f"--xla_dump_to={dump}",
+                "--xla_dump_hlo_pass_re=^spmd-partitioning$",
+                "--xla_dump_hlo_module_re=jit_step",
+            ]
+        )
         os.execve(sys.executable, [sys.executable, "-m", "idefics_jax.plan", *sys.argv[1:]], env)
     import jax
 
@@ -602,8 +683,15 @@ def main(argv):
         sys.exit(f"plan: {e}")
     finally:
         shutil.rmtree(os.environ.get(_DUMP_ENV, ""), ignore_errors=True)
-    fig = estimate(fig, peak_tflops=_PEAK.value, efficiency=_EFFICIENCY.value, nvlink_gbytes=_NVLINK.value,
-                   internode_gbits=_NETWORK.value, limit_gb=_LIMIT.value, reserve_gb=_RESERVE.value)
+    fig = estimate(
+        fig,
+        peak_tflops=_PEAK.value,
+        efficiency=_EFFICIENCY.value,
+        nvlink_gbytes=_NVLINK.value,
+        internode_gbits=_NETWORK.value,
+        limit_gb=_LIMIT.value,
+        reserve_gb=_RESERVE.value,
+    )
     print(report(fig), flush=True)
     if _JSON.value:
         with open(_JSON.value, "w") as f:

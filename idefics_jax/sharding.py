@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -97,15 +98,17 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
         raise ValueError(f"mesh {sizes} has {math.prod(sizes.values())} slots but there are {n} devices")
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:
-        return jax.make_mesh(shape, MESH_AXES, devices=devices,
-                             axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+        return jax.make_mesh(
+            shape, MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+        )
     except (ValueError, NotImplementedError, AssertionError):
         # Fake or unusual device sets have no physical topology to optimise for.
         return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def logical_to_spec(axes: Sequence[str | None], rules: Rules | None = None,
-                    shape: Sequence[int] | None = None, mesh: Any = None) -> PartitionSpec:
+def logical_to_spec(
+    axes: Sequence[str | None], rules: Rules | None = None, shape: Sequence[int] | None = None, mesh: Any = None
+) -> PartitionSpec:
     """PartitionSpec for logical `axes` under `rules`.
 
     A mesh axis is used at most once per spec (first dimension wins). With `shape` and `mesh`, a mesh

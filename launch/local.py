@@ -34,14 +34,16 @@ def process_env(base: dict[str, str], rank: int, n: int, devices: int, port: int
     """The environment of process `rank` of `n` with `devices` fake CPU devices."""
     env = dict(base)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    env.update({
-        "XLA_FLAGS": " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-        "JAX_NUM_PROCESSES": str(n),
-        "JAX_PROCESS_ID": str(rank),
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "XLA_FLAGS": " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
+            "JAX_PLATFORMS": "cpu",
+            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+            "JAX_NUM_PROCESSES": str(n),
+            "JAX_PROCESS_ID": str(rank),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -56,11 +58,19 @@ def launch(n: int, devices: int, module: str, args: list[str], env: dict[str, st
     port = free_port()
     procs = []
     for rank in range(n):
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *args],
-                                      env=process_env(env or os.environ, rank, n, devices, port),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    pumps = [threading.Thread(target=_pump, args=(p.stdout, "" if r == 0 else f"[{r}] ", sys.stderr), daemon=True)
-             for r, p in enumerate(procs)]
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", module, *args],
+                env=process_env(env or os.environ, rank, n, devices, port),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    pumps = [
+        threading.Thread(target=_pump, args=(p.stdout, "" if r == 0 else f"[{r}] ", sys.stderr), daemon=True)
+        for r, p in enumerate(procs)
+    ]
     for t in pumps:
         t.start()
 
@@ -96,7 +106,7 @@ def launch(n: int, devices: int, module: str, args: list[str], env: dict[str, st
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ours, rest = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    ours, rest = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--processes", type=int, required=True, help="processes to start")
     parser.add_argument("--devices-per-process", type=int, default=2, help="fake CPU devices per process")

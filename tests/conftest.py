@@ -10,8 +10,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # Compiled programs are cached on disk across tests and the subprocesses they start (trainer runs
 # recompile the same step many times); set before any compilation.
-CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                              os.path.join(os.path.expanduser("~"), ".cache", "idefics_jax", "jax-test-cache"))
+CACHE = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "idefics_jax", "jax-test-cache")
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 jax.config.update("jax_compilation_cache_dir", CACHE)

@@ -83,7 +83,9 @@ def write_tar(path: str, members: list[tuple[str, bytes]]) -> None:
 def one_dataset_config(tiny_paths, kind: str, paths: str, **overrides) -> ml_collections.ConfigDict:
     """A config reading only `paths` (examples_per_row 2, so each row tries two examples)."""
     cfg = small_config(tiny_paths, **overrides)
-    cfg.datasets = ml_collections.ConfigDict({"bad": {"kind": kind, "paths": paths, "weight": 1.0, "examples_per_row": 2}})
+    cfg.datasets = ml_collections.ConfigDict(
+        {"bad": {"kind": kind, "paths": paths, "weight": 1.0, "examples_per_row": 2}}
+    )
     return cfg
 
 

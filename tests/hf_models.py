@@ -13,20 +13,46 @@ from idefics_jax import IdeficsConfig, hf
 VOCAB, EXTRA = 96, 2
 
 
-def hf_config(*, alpha_type="float", qk=True, qk_perceiver=True, resampler=True, interval=2, layers=4,
-              tie=False, **kw) -> HFConfig:
+def hf_config(
+    *, alpha_type="float", qk=True, qk_perceiver=True, resampler=True, interval=2, layers=4, tie=False, **kw
+) -> HFConfig:
     """A tiny IdeficsConfig (its alphas are re-drawn non-zero by `hf_model`)."""
     args = dict(
-        vocab_size=VOCAB, additional_vocab_size=EXTRA, hidden_size=32, intermediate_size=48,
-        num_hidden_layers=layers, num_attention_heads=4, cross_layer_interval=interval,
-        qk_layer_norms=qk, use_resampler=resampler, alpha_type=alpha_type, alpha_initializer="zeros",
-        initializer_range=0.1, rms_norm_eps=1e-5, tie_word_embeddings=tie,
-        freeze_text_layers=False, freeze_vision_layers=False, freeze_lm_head=False,
+        vocab_size=VOCAB,
+        additional_vocab_size=EXTRA,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        cross_layer_interval=interval,
+        qk_layer_norms=qk,
+        use_resampler=resampler,
+        alpha_type=alpha_type,
+        alpha_initializer="zeros",
+        initializer_range=0.1,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        freeze_text_layers=False,
+        freeze_vision_layers=False,
+        freeze_lm_head=False,
         max_position_embeddings=1024,
-        vision_config=dict(embed_dim=24, image_size=28, patch_size=14, intermediate_size=40,
-                           num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu"),
-        perceiver_config=dict(use_resampler=resampler, resampler_n_latents=3, resampler_depth=2,
-                              resampler_n_heads=2, resampler_head_dim=8, qk_layer_norms_perceiver=qk_perceiver),
+        vision_config=dict(
+            embed_dim=24,
+            image_size=28,
+            patch_size=14,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            hidden_act="gelu",
+        ),
+        perceiver_config=dict(
+            use_resampler=resampler,
+            resampler_n_latents=3,
+            resampler_depth=2,
+            resampler_n_heads=2,
+            resampler_head_dim=8,
+            qk_layer_norms_perceiver=qk_perceiver,
+        ),
     )
     args.update(kw)
     return HFConfig(**args)
@@ -40,8 +66,17 @@ def hf_model(config: HFConfig, seed: int = 0) -> IdeficsForVisionText2Text:
     model = IdeficsForVisionText2Text(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("layernorm.weight", "layer_norm.weight", "norm.weight", "ln.weight",
-                              "layer_norm1.weight", "layer_norm2.weight", "pre_layrnorm.weight")):
+            if name.endswith(
+                (
+                    "layernorm.weight",
+                    "layer_norm.weight",
+                    "norm.weight",
+                    "ln.weight",
+                    "layer_norm1.weight",
+                    "layer_norm2.weight",
+                    "pre_layrnorm.weight",
+                )
+            ):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif "alpha" in name:
                 p.copy_(0.5 * torch.randn_like(p))
@@ -57,8 +92,17 @@ def ours_from_torch(model: IdeficsForVisionText2Text, **overrides):
     return nnx.merge(graphdef, state)
 
 
-def inputs(batch: int, seq: int, num_images: int, *, seed: int = 0, image_size: int = 28,
-           pad: tuple[int, ...] = (), no_image_rows: tuple[int, ...] = (), multi_hot_rows: tuple[int, ...] = ()):
+def inputs(
+    batch: int,
+    seq: int,
+    num_images: int,
+    *,
+    seed: int = 0,
+    image_size: int = 28,
+    pad: tuple[int, ...] = (),
+    no_image_rows: tuple[int, ...] = (),
+    multi_hot_rows: tuple[int, ...] = (),
+):
     """A batch in HF's layouts: left padding of `pad[b]` tokens on row b; images placed along each row;
     token t sees the most recent image at or before it (all earlier images on `multi_hot_rows`);
     rows in `no_image_rows` see no image at all; tokens before a row's first image see none."""

@@ -3,10 +3,10 @@
 import re
 
 import pytest
-from transformers import IdeficsConfig as HFConfig
-
 from conftest import load_config
 from hf_models import hf_config
+from transformers import IdeficsConfig as HFConfig
+
 from idefics_jax.config import IdeficsConfig, PerceiverConfig, VisionConfig
 
 
@@ -41,25 +41,28 @@ def test_dict_round_trip_through_config_files():
         assert IdeficsConfig.from_dict(cfg.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("make, field", [
-    (lambda: IdeficsConfig(num_hidden_layers=6, cross_layer_interval=4), "num_hidden_layers=6"),
-    (lambda: IdeficsConfig(hidden_size=30, num_attention_heads=4), "num_attention_heads=4"),
-    (lambda: IdeficsConfig(hidden_act="tanh"), "hidden_act='tanh'"),
-    (lambda: IdeficsConfig(alpha_type="matrix"), "alpha_type='matrix'"),
-    (lambda: IdeficsConfig(alpha_initializer="xavier"), "alpha_initializer='xavier'"),
-    (lambda: VisionConfig(embed_dim=30, num_attention_heads=4), "vision_config.num_attention_heads=4"),
-    (lambda: VisionConfig(hidden_act="swiglu"), "vision_config.hidden_act='swiglu'"),
-    (lambda: VisionConfig(image_size=100, patch_size=14), "vision_config.patch_size=14"),
-    (lambda: PerceiverConfig(resampler_depth=0), "perceiver_config.resampler_depth=0"),
-    (lambda: IdeficsConfig(freeze_text_module_exceptions=("Conv2d",)), "freeze_text_module_exceptions=('Conv2d',)"),
-    (lambda: IdeficsConfig(remat="sometimes"), "remat='sometimes'"),
-    (lambda: IdeficsConfig(dtype="int8"), "dtype='int8'"),
-    (lambda: IdeficsConfig.from_hf({"model_type": "llama"}), "model_type='llama'"),
-    (lambda: IdeficsConfig.from_hf({"model_type": "idefics", "num_hidden_layers": 5, "cross_layer_interval": 2}),
-     "num_hidden_layers=5"),
-])
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: IdeficsConfig(num_hidden_layers=6, cross_layer_interval=4), "num_hidden_layers=6"),
+        (lambda: IdeficsConfig(hidden_size=30, num_attention_heads=4), "num_attention_heads=4"),
+        (lambda: IdeficsConfig(hidden_act="tanh"), "hidden_act='tanh'"),
+        (lambda: IdeficsConfig(alpha_type="matrix"), "alpha_type='matrix'"),
+        (lambda: IdeficsConfig(alpha_initializer="xavier"), "alpha_initializer='xavier'"),
+        (lambda: VisionConfig(embed_dim=30, num_attention_heads=4), "vision_config.num_attention_heads=4"),
+        (lambda: VisionConfig(hidden_act="swiglu"), "vision_config.hidden_act='swiglu'"),
+        (lambda: VisionConfig(image_size=100, patch_size=14), "vision_config.patch_size=14"),
+        (lambda: PerceiverConfig(resampler_depth=0), "perceiver_config.resampler_depth=0"),
+        (lambda: IdeficsConfig(freeze_text_module_exceptions=("Conv2d",)), "freeze_text_module_exceptions=('Conv2d',)"),
+        (lambda: IdeficsConfig(remat="sometimes"), "remat='sometimes'"),
+        (lambda: IdeficsConfig(dtype="int8"), "dtype='int8'"),
+        (lambda: IdeficsConfig.from_hf({"model_type": "llama"}), "model_type='llama'"),
+        (
+            lambda: IdeficsConfig.from_hf({"model_type": "idefics", "num_hidden_layers": 5, "cross_layer_interval": 2}),
+            "num_hidden_layers=5",
+        ),
+    ],
+)
 def test_invalid_config_names_field_and_value(make, field):
     with pytest.raises(ValueError, match=re.escape(field)):
         make()
-
-

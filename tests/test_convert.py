@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hf_models import hf_config, hf_model, inputs, torch_logits
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import idefics_jax
-from hf_models import hf_config, hf_model, inputs, torch_logits
-from idefics_jax import IdeficsConfig, checkpoint, hf
+from idefics_jax import IdeficsConfig, ckpt_format, hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "convert_weights.py")
@@ -38,7 +38,7 @@ def hf_tensors(directory) -> dict[str, np.ndarray]:
     for name in sorted(os.listdir(directory)):
         if name.endswith(".safetensors"):
             with safe_open(os.path.join(directory, name), framework="pt") as f:
-                for k in f.keys():
+                for k in f:
                     t = f.get_tensor(k)
                     out[k] = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
     return out
@@ -74,8 +74,17 @@ def test_hf_to_jax_logits_and_back(saved, tmp_path, layout):
     tok = tmp_path / "tok"
     tok.mkdir()
     (tok / "tokenizer_config.json").write_text('{"model_max_length": 1024}')
-    convert("jax-to-hf", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "back", "--max-shard-size", "30KB",
-            "--tokenizer", tok)
+    convert(
+        "jax-to-hf",
+        "--ckpt",
+        tmp_path / "ckpt",
+        "--out",
+        tmp_path / "back",
+        "--max-shard-size",
+        "30KB",
+        "--tokenizer",
+        tok,
+    )
     files = os.listdir(tmp_path / "back")
     assert "model.safetensors.index.json" in files and "tokenizer_config.json" in files
     from transformers import IdeficsForVisionText2Text
@@ -96,7 +105,7 @@ def test_bfloat16_and_bin_roundtrip_is_byte_identical(tmp_path):
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     torch.save(sd, tmp_path / "bin" / "pytorch_model.bin")
     convert("hf-to-jax", "--hf", tmp_path / "bin", "--out", tmp_path / "ckpt", "--dtype", "bfloat16")
-    assert checkpoint.params_metadata(tmp_path / "ckpt", 0)[("norm", "weight")][1] == np.dtype("bfloat16")
+    assert ckpt_format.params_metadata(tmp_path / "ckpt", 0)[("norm", "weight")][1] == np.dtype("bfloat16")
     # Training starts from it the way the trainer restores: fp32 params, placed by the sharding rules.
     import jax
 
@@ -119,20 +128,26 @@ def test_jax_to_hf_from_training_checkpoint_any_step(tmp_path):
     import orbax.checkpoint as ocp
 
     config = IdeficsConfig.from_hf(hf_config())
-    mngr = checkpoint.manager(tmp_path / "run", items=(checkpoint.PARAMS, checkpoint.CONFIG, checkpoint.OPT_STATE,
-                                                       checkpoint.TRAIN_STATE))
+    mngr = ckpt_format.manager(
+        tmp_path / "run", items=(ckpt_format.PARAMS, ckpt_format.CONFIG, ckpt_format.OPT_STATE, ckpt_format.TRAIN_STATE)
+    )
     abstract = nnx.to_pure_dict(hf.abstract_state(config)[1])
     states = {}
     for step in (3, 7):
         rng = np.random.default_rng(step)
-        pure = jax.tree.map(lambda a: jax.numpy.asarray(rng.standard_normal(a.shape, np.float32)), abstract)
+        pure = jax.tree.map(lambda a, rng=rng: jax.numpy.asarray(rng.standard_normal(a.shape, np.float32)), abstract)
         states[step] = pure
-        mngr.save(step, args=ocp.args.Composite(**{
-            checkpoint.PARAMS: ocp.args.StandardSave(pure),
-            checkpoint.OPT_STATE: ocp.args.StandardSave(jax.tree.map(jax.numpy.zeros_like, pure)),
-            checkpoint.CONFIG: ocp.args.JsonSave({"model": config.to_dict(), "train": {"lr": 1e-4}}),
-            checkpoint.TRAIN_STATE: ocp.args.JsonSave({"step": step}),
-        }))
+        mngr.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    ckpt_format.PARAMS: ocp.args.StandardSave(pure),
+                    ckpt_format.OPT_STATE: ocp.args.StandardSave(jax.tree.map(jax.numpy.zeros_like, pure)),
+                    ckpt_format.CONFIG: ocp.args.JsonSave({"model": config.to_dict(), "train": {"lr": 1e-4}}),
+                    ckpt_format.TRAIN_STATE: ocp.args.JsonSave({"step": step}),
+                }
+            ),
+        )
     mngr.wait_until_finished()
     mngr.close()
     for step, argv in ((3, ["--step", "3"]), (7, [])):
@@ -184,8 +199,16 @@ def make_clip(directory, layout: str):
     from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(1)
-    vision = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, image_size=28,
-                  patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5)
+    vision = dict(
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+    )
     if layout == "CLIPVisionModel":
         model = CLIPVisionModel(CLIPVisionConfig(**vision)).eval()
         tower = model
@@ -207,8 +230,17 @@ def make_llama(directory, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(2)
-    cfg = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-               rms_norm_eps=1e-5, max_position_embeddings=1024, tie_word_embeddings=False, initializer_range=0.1)
+    cfg = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        initializer_range=0.1,
+    )
     cfg.update(overrides)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
     with torch.no_grad():
@@ -231,8 +263,17 @@ def sources(tmp_path_factory):
 @pytest.mark.parametrize("layout", ["CLIPVisionModel", "CLIPModel"])
 def test_init_from_clip_and_llama(sources, tmp_path, layout):
     root, llama, towers = sources
-    convert("init", "--clip", root / layout, "--llama", root / "llama", "--config", root / "tiny_idefics.py",
-            "--out", tmp_path / "ckpt")
+    convert(
+        "init",
+        "--clip",
+        root / layout,
+        "--llama",
+        root / "llama",
+        "--config",
+        root / "tiny_idefics.py",
+        "--out",
+        tmp_path / "ckpt",
+    )
     ours = idefics_jax.load(tmp_path / "ckpt")
     config = ours.config
     assert float(np.abs(np.asarray(ours.blocks.gated_cross_attn_layer.alpha_cross_attn.get_value())).max()) == 0
@@ -263,8 +304,9 @@ def test_init_from_clip_and_llama(sources, tmp_path, layout):
     new = [p for p in fresh if cw.is_new(tuple(str(k) for k in p))]
     assert len(new) > 20
     for p in new:
-        np.testing.assert_allclose(np.asarray(loaded[p].get_value()), np.asarray(fresh[p].get_value()), rtol=1e-6,
-                                   atol=1e-9, err_msg=str(p))
+        np.testing.assert_allclose(
+            np.asarray(loaded[p].get_value()), np.asarray(fresh[p].get_value()), rtol=1e-6, atol=1e-9, err_msg=str(p)
+        )
 
 
 def test_new_params_equal_eager_init_in_groups():
@@ -273,8 +315,10 @@ def test_new_params_equal_eager_init_in_groups():
     from idefics_jax.models import Idefics
 
     config = IdeficsConfig.from_hf(hf_config())
-    fresh = {tuple(str(k) for k in p): v.get_value()
-             for p, v in nnx.to_flat_state(nnx.state(Idefics(config, rngs=nnx.Rngs(9)), nnx.Param))}
+    fresh = {
+        tuple(str(k) for k in p): v.get_value()
+        for p, v in nnx.to_flat_state(nnx.state(Idefics(config, rngs=nnx.Rngs(9)), nnx.Param))
+    }
     new = [p for p in fresh if cw.is_new(p)]
     groups = [new[:3], new[3:4], new[4:]]
     got = dict(cw.new_params(config, 9, groups))
@@ -284,6 +328,7 @@ def test_new_params_equal_eager_init_in_groups():
 
 
 # Bad input ----------------------------------------------------------------------------------------
+
 
 def _edit_single(directory, edit):
     sd = load_file(directory / "model.safetensors")
@@ -324,23 +369,40 @@ def _bin_with(directory, extra):
 
 
 BAD_HF = {
-    "missing tensor": ("single", lambda d: _edit_single(d, lambda sd: sd.pop("model.norm.weight")),
-                       r"model\.safetensors: tensor 'model\.norm\.weight' is missing"),
-    "unexpected tensor": ("single", lambda d: _edit_single(d, lambda sd: sd.update(extra=torch.ones(2))),
-                          r"model\.safetensors: unexpected tensor 'extra'"),
-    "shape vs config.json": ("single", lambda d: _config_edit(d, intermediate_size=40),
-                             r"model\.safetensors: tensor 'model\.(gated_cross_attn_)?layers\.0\.mlp\."
-                             r"(gate|up|down)_proj\.weight' has "
-                             r"shape \((48, 32|32, 48)\); expected \((40, 32|32, 40)\)"),
-    "truncated shard": ("sharded", _truncate_shard,
-                        r"model-\d+-of-\d+\.safetensors: not a readable safetensors file"),
+    "missing tensor": (
+        "single",
+        lambda d: _edit_single(d, lambda sd: sd.pop("model.norm.weight")),
+        r"model\.safetensors: tensor 'model\.norm\.weight' is missing",
+    ),
+    "unexpected tensor": (
+        "single",
+        lambda d: _edit_single(d, lambda sd: sd.update(extra=torch.ones(2))),
+        r"model\.safetensors: unexpected tensor 'extra'",
+    ),
+    "shape vs config.json": (
+        "single",
+        lambda d: _config_edit(d, intermediate_size=40),
+        r"model\.safetensors: tensor 'model\.(gated_cross_attn_)?layers\.0\.mlp\."
+        r"(gate|up|down)_proj\.weight' has "
+        r"shape \((48, 32|32, 48)\); expected \((40, 32|32, 40)\)",
+    ),
+    "truncated shard": ("sharded", _truncate_shard, r"model-\d+-of-\d+\.safetensors: not a readable safetensors file"),
     "corrupt file": ("single", _corrupt_single, r"model\.safetensors: not a readable safetensors file"),
-    "other model type": ("single", lambda d: _config_edit(d, model_type="llama"),
-                         r"config\.json: config model_type='llama'; expected 'idefics'"),
-    "bin with an object": ("single", lambda d: _bin_with(d, {"obj": _NotATensor()}),
-                           r"pytorch_model\.bin: not a tensor-only PyTorch checkpoint"),
-    "bin with a non-tensor": ("single", lambda d: _bin_with(d, {"step": 3}),
-                              r"pytorch_model\.bin: entry 'step' is not a tensor; expected only tensors"),
+    "other model type": (
+        "single",
+        lambda d: _config_edit(d, model_type="llama"),
+        r"config\.json: config model_type='llama'; expected 'idefics'",
+    ),
+    "bin with an object": (
+        "single",
+        lambda d: _bin_with(d, {"obj": _NotATensor()}),
+        r"pytorch_model\.bin: not a tensor-only PyTorch checkpoint",
+    ),
+    "bin with a non-tensor": (
+        "single",
+        lambda d: _bin_with(d, {"step": 3}),
+        r"pytorch_model\.bin: entry 'step' is not a tensor; expected only tensors",
+    ),
 }
 
 
@@ -367,8 +429,11 @@ def test_bad_input_from_the_command_line(saved, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(saved[1] / "sharded", src)
     shard = _truncate_shard(src)
-    r = subprocess.run([sys.executable, TOOL, "hf-to-jax", "--hf", str(src), "--out", str(tmp_path / "out")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, TOOL, "hf-to-jax", "--hf", str(src), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and shard in lines[0] and "tensor" in lines[0], r.stderr
@@ -397,8 +462,22 @@ def test_init_architecture_mismatch(sources, tmp_path, capsys, case):
         _config_edit(clip, model_type="siglip_vision_model")
         message = r"clip/config\.json: model_type='siglip_vision_model'; expected one of"
     capsys.readouterr()
-    assert cw.main(["init", "--clip", str(clip), "--llama", str(llama), "--config", str(root / "tiny_idefics.py"),
-                    "--out", str(tmp_path / "out")]) == 1
+    assert (
+        cw.main(
+            [
+                "init",
+                "--clip",
+                str(clip),
+                "--llama",
+                str(llama),
+                "--config",
+                str(root / "tiny_idefics.py"),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
     assert leftovers(tmp_path, "out") == []
@@ -419,13 +498,17 @@ def test_progress_bar_counts_tensors(saved, tmp_path, capsys):
 
 # Memory -------------------------------------------------------------------------------------------
 
+
 def _measured(argv) -> tuple[float, float]:
     """(peak RSS in bytes, wall seconds) of the tool run in the only child of a fresh process."""
-    code = ("import resource, subprocess, sys, time; t = time.time(); r = subprocess.run(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, time.time() - t); "
-            "sys.exit(r.returncode)")
-    r = subprocess.run([sys.executable, "-c", code, sys.executable, TOOL, *map(str, argv)],
-                       capture_output=True, text=True)
+    code = (
+        "import resource, subprocess, sys, time; t = time.time(); r = subprocess.run(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, time.time() - t); "
+        "sys.exit(r.returncode)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, sys.executable, TOOL, *map(str, argv)], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     peak, seconds = r.stdout.split()[-2:]
     return float(peak), float(seconds)
@@ -440,13 +523,28 @@ def test_memory_stays_below_half_a_1gb_checkpoint(tmp_path):
     from idefics_jax import PerceiverConfig, VisionConfig
 
     config = IdeficsConfig(
-        vocab_size=40000, additional_vocab_size=2, hidden_size=512, intermediate_size=1536, num_hidden_layers=48,
-        num_attention_heads=8, cross_layer_interval=4, qk_layer_norms=True, use_resampler=True,
+        vocab_size=40000,
+        additional_vocab_size=2,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=48,
+        num_attention_heads=8,
+        cross_layer_interval=4,
+        qk_layer_norms=True,
+        use_resampler=True,
         max_position_embeddings=256,
-        vision=VisionConfig(embed_dim=512, image_size=224, intermediate_size=2048, patch_size=14,
-                            num_hidden_layers=32, num_attention_heads=8),
-        perceiver=PerceiverConfig(resampler_n_latents=64, resampler_depth=6, resampler_n_heads=8,
-                                  resampler_head_dim=64))
+        vision=VisionConfig(
+            embed_dim=512,
+            image_size=224,
+            intermediate_size=2048,
+            patch_size=14,
+            num_hidden_layers=32,
+            num_attention_heads=8,
+        ),
+        perceiver=PerceiverConfig(
+            resampler_n_latents=64, resampler_depth=6, resampler_n_heads=8, resampler_head_dim=64
+        ),
+    )
     src = tmp_path / "hf"
     src.mkdir()
     (src / "config.json").write_text(json.dumps(config.to_hf()))
@@ -470,10 +568,13 @@ def test_memory_stays_below_half_a_1gb_checkpoint(tmp_path):
     assert size >= 2**30
 
     peak_in, s_in = _measured(["hf-to-jax", "--hf", src, "--out", tmp_path / "ckpt"])
-    peak_out, s_out = _measured(["jax-to-hf", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "back",
-                                 "--max-shard-size", "300MB"])
-    print(f"checkpoint {size / 2**30:.2f} GiB; hf-to-jax peak RSS {peak_in / 2**20:.0f} MiB, {s_in:.1f} s; "
-          f"jax-to-hf peak RSS {peak_out / 2**20:.0f} MiB, {s_out:.1f} s")
+    peak_out, s_out = _measured(
+        ["jax-to-hf", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "back", "--max-shard-size", "300MB"]
+    )
+    print(
+        f"checkpoint {size / 2**30:.2f} GiB; hf-to-jax peak RSS {peak_in / 2**20:.0f} MiB, {s_in:.1f} s; "
+        f"jax-to-hf peak RSS {peak_out / 2**20:.0f} MiB, {s_out:.1f} s"
+    )
     assert peak_in < size / 2 and peak_out < size / 2
     with open(src / "model.safetensors.index.json") as f:
         names = json.load(f)["weight_map"]

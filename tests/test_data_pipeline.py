@@ -170,8 +170,10 @@ def _docs_with_bad_image(tmp_path, tiny_dir, bad: bytes, **overrides):
     document is kept with the good one."""
     docs = [[f"doc {i} text", bad, "after", good_image()] for i in range(4)]
     write_docs_parquet(str(tmp_path / "d.parquet"), docs)
-    cfg = one_dataset_config(tiny_dir, "documents", str(tmp_path / "d.parquet"), skip_check_min_examples=BIG_MIN, **overrides)
-    c, batches = _run(cfg)
+    cfg = one_dataset_config(
+        tiny_dir, "documents", str(tmp_path / "d.parquet"), skip_check_min_examples=BIG_MIN, **overrides
+    )
+    c, _batches = _run(cfg)
     assert c["examples"] > 0 and c["images"] == c["examples"], "documents kept with their good image only"
     return c
 
@@ -244,7 +246,9 @@ def test_unusual_image_modes_are_converted(mode, tmp_path, tiny_dir):
     assert c["skipped"] == 0 and c["images"] == c["examples"] > 0
     got = batches[0]["pixel_values"][0, 0]
     if rgb is None:  # CMYK JPEG: colour survives the round trip approximately
-        mean = got.mean((1, 2)) * np.array([0.26862954, 0.26130258, 0.27577711]) + np.array([0.48145466, 0.4578275, 0.40821073])
+        mean = got.mean((1, 2)) * np.array([0.26862954, 0.26130258, 0.27577711]) + np.array(
+            [0.48145466, 0.4578275, 0.40821073]
+        )
         assert mean[0] > 0.6 and mean[2] < 0.3
     else:
         np.testing.assert_allclose(got, image_array(rgb, cfg.image_size), atol=1e-6)

@@ -96,7 +96,11 @@ def test_exif_orientation_applied():
 def test_image_array_layout_and_normalisation():
     white = image_array(Image.new("RGB", (50, 20), (255, 255, 255)), 30)
     assert white.shape == (3, 30, 30) and white.dtype == np.float32
-    np.testing.assert_allclose(white[:, 0, 0], (1 - np.array([0.48145466, 0.4578275, 0.40821073])) / np.array([0.26862954, 0.26130258, 0.27577711]), rtol=1e-6)
+    np.testing.assert_allclose(
+        white[:, 0, 0],
+        (1 - np.array([0.48145466, 0.4578275, 0.40821073])) / np.array([0.26862954, 0.26130258, 0.27577711]),
+        rtol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "PA"])

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from hf_models import hf_config, hf_model, inputs, torch_logits
 
 import idefics_jax
-from hf_models import hf_config, hf_model, inputs, torch_logits
 from idefics_jax import IdeficsConfig, hf
 
 
@@ -15,8 +15,9 @@ def test_table_covers_every_hf_tensor_exactly_once():
         config = IdeficsConfig.from_hf(model.config)
         names = hf.hf_names(config)
         sd = model.state_dict()
-        expected = {k: tuple(v.shape) for k, v in sd.items()
-                    if not (config.tie_word_embeddings and k.startswith("lm_head."))}
+        expected = {
+            k: tuple(v.shape) for k, v in sd.items() if not (config.tie_word_embeddings and k.startswith("lm_head."))
+        }
         assert names == expected
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 import torch
 from flax import nnx
-
 from hf_models import hf_config, hf_model, inputs, ours_from_torch, torch_logits
+
 from idefics_jax import IdeficsConfig, hf
 
 # (alpha_type, qk_layer_norms, qk_layer_norms_perceiver, use_resampler, cross_layer_interval, layers)
@@ -31,8 +30,9 @@ def _case_id(c):
 @pytest.mark.parametrize("case", GRID, ids=_case_id)
 def test_logits_match_hf(case):
     alpha, qk, qkp, res, interval, layers = case
-    model = hf_model(hf_config(alpha_type=alpha, qk=qk, qk_perceiver=qkp, resampler=res, interval=interval,
-                               layers=layers))
+    model = hf_model(
+        hf_config(alpha_type=alpha, qk=qk, qk_perceiver=qkp, resampler=res, interval=interval, layers=layers)
+    )
     ours = ours_from_torch(model)
     # 1-3 images per row, left padding, a row that sees no image, a row whose tokens see all earlier images.
     batch = inputs(4, 48, 3, pad=(0, 7, 3, 0), no_image_rows=(2,), multi_hot_rows=(3,), seed=layers)
@@ -95,8 +95,9 @@ def _masked_next_token_loss_torch(logits, ids, mask):
 @pytest.mark.parametrize("case", GRID[:4], ids=_case_id)
 def test_gradients_match_torch(case):
     alpha, qk, qkp, res, interval, layers = case
-    model = hf_model(hf_config(alpha_type=alpha, qk=qk, qk_perceiver=qkp, resampler=res, interval=interval,
-                               layers=layers)).train()
+    model = hf_model(
+        hf_config(alpha_type=alpha, qk=qk, qk_perceiver=qkp, resampler=res, interval=interval, layers=layers)
+    ).train()
     ours = ours_from_torch(model)
     batch = inputs(3, 32, 2, pad=(0, 5, 2), no_image_rows=(2,), seed=1)
     mask = batch["attention_mask"].astype(np.float32)

@@ -9,29 +9,32 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, load_config
 from flax import nnx
 
-from conftest import ROOT, load_config
 from idefics_jax import plan
 from idefics_jax.config import IdeficsConfig
 from idefics_jax.models import Idefics
 from idefics_jax.models.freeze import trainable_mask
 
 
-@pytest.mark.parametrize("attrs, groups", [
-    ("replica_groups={{0,1},{2,3}}, dimensions={0}", [[0, 1], [2, 3]]),
-    ("replica_groups=[2,2]<=[4], to_apply=%add", [[0, 1], [2, 3]]),
-    ("replica_groups=[2,2]<=[2,2]T(1,0), dimensions={0}", [[0, 2], [1, 3]]),
-    ("replica_groups=[1,8]<=[2,2,2]T(2,1,0)", [[0, 4, 2, 6, 1, 5, 3, 7]]),
-    ("replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_0'}, use_global_device_ids=true", [[0, 2], [1, 3]]),
-    ("replica_groups=mesh['axis_0'=1,'axis_1'=2,'axis_2'=2] {'axis_2'}", [[0, 1], [2, 3]]),
-    # The mesh's devices listed transposed: position (i, j) holds device j*2 + i.
-    ("replica_groups=mesh['axis_0'=2,'axis_1'=2], device_ids=([2,2]T(1,0)) {'axis_1'}", [[0, 2], [1, 3]]),
-    ("replica_groups=mesh['axis_0'=2,'axis_1'=2], device_ids=(3,2,1,0) {'axis_0'}", [[3, 1], [2, 0]]),
-    # Sub-axis: the major half of an axis of 4.
-    ("replica_groups=mesh['axis_0'=4] {'axis_0':(1)2}", [[0, 2], [1, 3]]),
-    ("replica_groups={}", [[0, 1, 2, 3]]),
-])
+@pytest.mark.parametrize(
+    "attrs, groups",
+    [
+        ("replica_groups={{0,1},{2,3}}, dimensions={0}", [[0, 1], [2, 3]]),
+        ("replica_groups=[2,2]<=[4], to_apply=%add", [[0, 1], [2, 3]]),
+        ("replica_groups=[2,2]<=[2,2]T(1,0), dimensions={0}", [[0, 2], [1, 3]]),
+        ("replica_groups=[1,8]<=[2,2,2]T(2,1,0)", [[0, 4, 2, 6, 1, 5, 3, 7]]),
+        ("replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_0'}, use_global_device_ids=true", [[0, 2], [1, 3]]),
+        ("replica_groups=mesh['axis_0'=1,'axis_1'=2,'axis_2'=2] {'axis_2'}", [[0, 1], [2, 3]]),
+        # The mesh's devices listed transposed: position (i, j) holds device j*2 + i.
+        ("replica_groups=mesh['axis_0'=2,'axis_1'=2], device_ids=([2,2]T(1,0)) {'axis_1'}", [[0, 2], [1, 3]]),
+        ("replica_groups=mesh['axis_0'=2,'axis_1'=2], device_ids=(3,2,1,0) {'axis_0'}", [[3, 1], [2, 0]]),
+        # Sub-axis: the major half of an axis of 4.
+        ("replica_groups=mesh['axis_0'=4] {'axis_0':(1)2}", [[0, 2], [1, 3]]),
+        ("replica_groups={}", [[0, 1, 2, 3]]),
+    ],
+)
 def test_replica_group_spellings(attrs, groups):
     assert plan.replica_groups(attrs, 4) == groups
 
@@ -84,8 +87,12 @@ def test_collectives_and_flops_are_counted_through_loops():
     assert warnings == []
     assert flops == 5 * 2 * 8 * 16 * 16
     got = {(c.axes, c.kind): c for c in colls}
-    assert set(got) == {("tensor", "all-reduce"), ("fsdp", "all-gather"), ("fsdp", "reduce-scatter"),
-                        ("tensor", "collective-permute")}
+    assert set(got) == {
+        ("tensor", "all-reduce"),
+        ("fsdp", "all-gather"),
+        ("fsdp", "reduce-scatter"),
+        ("tensor", "collective-permute"),
+    }
     ar = got["tensor", "all-reduce"]
     assert (ar.count, ar.payload, ar.traffic, ar.node_bytes, ar.intra_node) == (5, 5 * 512, 5 * 512, 0, True)
     ag = got["fsdp", "all-gather"]  # bf16 [8, 64] gathered over 2 nodes; 2 groups share each node's link
@@ -108,8 +115,15 @@ MESH = {"data": 1, "fsdp": 4, "tensor": 4}
 def by_hand(config) -> dict[str, int]:
     """Per-device bytes of trainable and frozen params: each leaf's bytes / its number of shards,
     a dimension being split by the mesh axis its logical name maps to when that axis divides it."""
-    rules = {"embed": "fsdp", "vision_embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab": "tensor",
-             "vision_heads": "tensor", "vision_mlp": "tensor"}
+    rules = {
+        "embed": "fsdp",
+        "vision_embed": "fsdp",
+        "heads": "tensor",
+        "mlp": "tensor",
+        "vocab": "tensor",
+        "vision_heads": "tensor",
+        "vision_mlp": "tensor",
+    }
     model = nnx.eval_shape(lambda: Idefics(IdeficsConfig.from_dict(config.model), rngs=nnx.Rngs(0)))
     trains = {p: bool(v.get_value()) for p, v in nnx.to_flat_state(trainable_mask(model))}
     out = {"trainable": 0, "frozen": 0, "trainable_count": 0, "count": 0}
@@ -134,11 +148,26 @@ def test_plan_of_a_reduced_config_on_16_devices(tmp_path):
     config.mesh.update(MESH)
     out = tmp_path / "plan.json"
     overrides = [f"--config.mesh.{k}={v}" for k, v in MESH.items()] + [
-        f"--config.model.{k}=True" for k in ("freeze_text_layers", "freeze_vision_layers", "freeze_lm_head")]
+        f"--config.model.{k}=True" for k in ("freeze_text_layers", "freeze_vision_layers", "freeze_lm_head")
+    ]
     # A limit below the total: the plan must say so and exit 1 (the figures are still written).
-    proc = subprocess.run([sys.executable, "-m", "idefics_jax.plan", "--config", os.path.join(ROOT, "configs", "tiny.py"),
-                           *overrides, "--memory_limit_gb=0.01", "--runtime_reserve_gb=0.04", f"--json={out}"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "idefics_jax.plan",
+            "--config",
+            os.path.join(ROOT, "configs", "tiny.py"),
+            *overrides,
+            "--memory_limit_gb=0.01",
+            "--runtime_reserve_gb=0.04",
+            f"--json={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "DOES NOT FIT" in proc.stdout and "fsdp 4 × tensor 4 = 16 devices" in proc.stdout
     fig = json.loads(out.read_text())
@@ -152,16 +181,16 @@ def test_plan_of_a_reduced_config_on_16_devices(tmp_path):
     # XLA's own count of the step's arguments: the state, the batch, 2 int32 counters, 2 f32 scalars.
     d = config.data
     rows = d.global_batch_size // (MESH["data"] * MESH["fsdp"])
-    batch = rows * (d.seq_len * (4 * 4 + 4 + 4 * d.max_num_images) + 4
-                    + d.max_num_images * 3 * d.image_size ** 2 * 4)
+    batch = rows * (d.seq_len * (4 * 4 + 4 + 4 * d.max_num_images) + 4 + d.max_num_images * 3 * d.image_size**2 * 4)
     assert b["batch"] == batch
     state = hand["trainable"] + hand["frozen"] + b["optimizer_state"] + 2 * 4
     assert state + batch <= b["arguments"] <= state + batch + 8
     assert b["aliased"] >= hand["trainable"] + hand["frozen"] and b["temporaries"] > 0
     total = b["arguments"] + b["temporaries"] + b["outputs"] - b["aliased"] + 0.04e9
     assert fig["memory_total"] == pytest.approx(total) and not fig["fits"]
-    assert plan.estimate(fig, peak_tflops=312, efficiency=0.75, nvlink_gbytes=240, internode_gbits=400,
-                         limit_gb=80, reserve_gb=3)["fits"]
+    assert plan.estimate(
+        fig, peak_tflops=312, efficiency=0.75, nvlink_gbytes=240, internode_gbits=400, limit_gb=80, reserve_gb=3
+    )["fits"]
     # The step's collectives: weights gathered over fsdp, tensor-parallel reductions over tensor.
     kinds = {(c["axes"], c["kind"]) for c in fig["collectives"]}
     assert {("fsdp", "all-gather"), ("tensor", "all-reduce")} <= kinds

@@ -15,20 +15,38 @@ from idefics_jax.models import Idefics
 
 def _config(layers: int, vision_layers: int | None = None, depth: int = 6, **kw) -> IdeficsConfig:
     return IdeficsConfig(
-        vocab_size=128, additional_vocab_size=2, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=layers, num_attention_heads=4, cross_layer_interval=4, qk_layer_norms=True,
+        vocab_size=128,
+        additional_vocab_size=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        cross_layer_interval=4,
+        qk_layer_norms=True,
         use_resampler=True,
-        vision=VisionConfig(embed_dim=32, image_size=16, intermediate_size=64, patch_size=8,
-                            num_hidden_layers=vision_layers or layers, num_attention_heads=4),
-        perceiver=PerceiverConfig(resampler_n_latents=4, resampler_depth=depth, resampler_n_heads=4,
-                                  resampler_head_dim=8), **kw)
+        vision=VisionConfig(
+            embed_dim=32,
+            image_size=16,
+            intermediate_size=64,
+            patch_size=8,
+            num_hidden_layers=vision_layers or layers,
+            num_attention_heads=4,
+        ),
+        perceiver=PerceiverConfig(
+            resampler_n_latents=4, resampler_depth=depth, resampler_n_heads=4, resampler_head_dim=8
+        ),
+        **kw,
+    )
 
 
 def _compile_seconds(config: IdeficsConfig) -> float:
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Idefics(config, rngs=nnx.Rngs(0))))
     b, t, n = 2, 64, 2
-    args = (jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, n, 3, 16, 16), jnp.float32),
-            jax.ShapeDtypeStruct((b, t, n), jnp.int32))
+    args = (
+        jax.ShapeDtypeStruct((b, t), jnp.int32),
+        jax.ShapeDtypeStruct((b, n, 3, 16, 16), jnp.float32),
+        jax.ShapeDtypeStruct((b, t, n), jnp.int32),
+    )
 
     def forward(state, ids, pixels, iam):
         return nnx.merge(graphdef, state)(ids, pixels, iam)
@@ -45,7 +63,7 @@ def test_80_layers_compile_about_as_fast_as_8():
     assert deep <= 1.5 * shallow, (deep, shallow)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _remat_grads(remat: str):
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 130, (2, 16))

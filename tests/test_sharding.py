@@ -65,8 +65,8 @@ def sharded_run():
     assert proc.returncode == 0, proc.stderr[-4000:]
     import json
 
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):])
+    line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT") :])
 
 
 def test_sharded_logits_equal_single_device(sharded_run):
@@ -99,7 +99,7 @@ def test_activations_are_constrained(sharded_run):
 
 def test_rules_drop_axes_that_do_not_divide():
     class FakeMesh:
-        shape = {"data": 1, "fsdp": 64, "tensor": 8}
+        shape = {"data": 1, "fsdp": 64, "tensor": 8}  # noqa: RUF012
 
     # 257 ViT positions cannot split 64 ways: replicate that dimension, keep the other.
     assert sharding.logical_to_spec((None, "vision_embed"), None, (257, 1280), FakeMesh()) == P(None, "fsdp")
@@ -116,5 +116,4 @@ def test_make_mesh_errors_name_the_problem():
         sharding.make_mesh({"data": -1, "fsdp": -1, "tensor": 1})
     with pytest.raises(ValueError, match="mesh.tensor=0"):
         sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 0})
-    assert dict(sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}).shape) == {"data": 1, "fsdp": 1,
-                                                                                    "tensor": 1}
+    assert dict(sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}).shape) == {"data": 1, "fsdp": 1, "tensor": 1}

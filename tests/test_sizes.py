@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from conftest import load_config
 from flax import nnx
 from transformers import IdeficsConfig as HFConfig
 from transformers import IdeficsForVisionText2Text
 
-from conftest import load_config
 from idefics_jax.config import IdeficsConfig
 from idefics_jax.models import Idefics, count_params
 from idefics_jax.models.freeze import trainable_mask

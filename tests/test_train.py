@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT, load_config
 from flax import nnx
 
-from conftest import ROOT, load_config
 from idefics_jax import sharding
 from idefics_jax.train import state as state_lib
 from idefics_jax.train.loop import train
@@ -37,20 +37,32 @@ def tiny(**train_overrides):
     return c
 
 
+def _records(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
 def losses(workdir) -> dict[int, float]:
     """step → loss, the last record of each step (a resumed run re-logs the steps after its checkpoint)."""
     out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if "loss" in rec:
-                out[rec["step"]] = rec["loss"]
+    for rec in _records(os.path.join(workdir, "metrics.jsonl")):
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
     return out
 
 
 def run_cli(workdir, *overrides, env=None, wait=True):
-    cmd = [sys.executable, "-m", "idefics_jax.train", "--config", os.path.join(ROOT, "configs", "tiny.py"),
-           "--workdir", str(workdir), "--config.train.eval_every=0", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "idefics_jax.train",
+        "--config",
+        os.path.join(ROOT, "configs", "tiny.py"),
+        "--workdir",
+        str(workdir),
+        "--config.train.eval_every=0",
+        *overrides,
+    ]
     full_env = dict(os.environ, **(env or {}))
     if not wait:
         return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -67,8 +79,7 @@ def test_tiny_loss_halves(tmp_path):
 
 
 def test_checkpoint_interval_and_keep_policy(tmp_path):
-    summary = train(tiny(steps=12, checkpoint_every=2, keep_checkpoints=2, keep_period=4, log_every=100),
-                    str(tmp_path))
+    summary = train(tiny(steps=12, checkpoint_every=2, keep_checkpoints=2, keep_period=4, log_every=100), str(tmp_path))
     # Saved at 2, 4, ..., 12; kept: the newest two (10, 12) plus multiples of 4 forever.
     assert summary["checkpoints"] == [4, 8, 10, 12]
     assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [4, 8, 10, 12]
@@ -125,7 +136,7 @@ def test_torn_checkpoint_is_ignored(tmp_path):
     # And an Orbax temporary directory left by a process killed mid-save.
     shutil.copytree(ckpts / "4", ckpts / "12.orbax-checkpoint-tmp-1700000000")
     summary = train(tiny(steps=9, checkpoint_every=4, log_every=100), str(tmp_path))
-    records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    records = _records(tmp_path / "metrics.jsonl")
     # Resumed from 4: steps 5..9 were logged again after the first run's 1..8.
     assert [r["step"] for r in records][8:] == [5, 6, 7, 8, 9]
     assert summary["checkpoints"] == [4, 8, 9]
@@ -160,53 +171,77 @@ def test_injected_nonfinite_gradient_is_skipped_bit_identically():
     for _ in range(2):
         state, m = step(state, _batch(config), jnp.float32(np.inf), jnp.float32(1.0))
         assert bool(m["applied"])
-    assert any(np.any(a != np.asarray(b)) for a, b in zip(jax.tree.leaves(before["params"]),
-                                                         jax.tree.leaves(state["params"])))
+    assert any(
+        np.any(a != np.asarray(b)) for a, b in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(state["params"]))
+    )
 
 
 def test_nonfinite_steps_are_counted_and_too_many_stop_the_run(tmp_path):
     from idefics_jax.train.loop import TrainingStopped
 
-    summary = train(tiny(steps=6, checkpoint_every=100, log_every=100,
-                         **{"debug.loss_scale_at_steps": [[2, float("nan")]]}), str(tmp_path / "a"))
+    summary = train(
+        tiny(steps=6, checkpoint_every=100, log_every=100, **{"debug.loss_scale_at_steps": [[2, float("nan")]]}),
+        str(tmp_path / "a"),
+    )
     assert summary["final_step"] == 6
-    recs = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
+    recs = _records(tmp_path / "a" / "metrics.jsonl")
     assert [r["applied"] for r in recs] == [True, True, False, True, True, True]
     assert recs[-1]["guards/nonfinite_steps"] == 1
     bad = [[s, float("inf")] for s in range(1, 5)]
     with pytest.raises(TrainingStopped, match="3 steps in a row had a non-finite loss"):
-        train(tiny(steps=6, checkpoint_every=100, log_every=100,
-                   **{"debug.loss_scale_at_steps": bad, "guards.max_nonfinite_in_a_row": 3}), str(tmp_path / "b"))
+        train(
+            tiny(
+                steps=6,
+                checkpoint_every=100,
+                log_every=100,
+                **{"debug.loss_scale_at_steps": bad, "guards.max_nonfinite_in_a_row": 3},
+            ),
+            str(tmp_path / "b"),
+        )
 
 
 def test_loss_spike_rolls_back_and_skips_data(tmp_path):
-    cfg = tiny(steps=12, checkpoint_every=4, log_every=100, **{
-        "debug.loss_scale_at_steps": [[9, 1000.0]], "guards.spike_action": "rollback",
-        "guards.spike_window": 3, "guards.spike_sigmas": 100.0, "guards.rollback_skip_steps": 2})
+    cfg = tiny(
+        steps=12,
+        checkpoint_every=4,
+        log_every=100,
+        **{
+            "debug.loss_scale_at_steps": [[9, 1000.0]],
+            "guards.spike_action": "rollback",
+            "guards.spike_window": 3,
+            "guards.spike_sigmas": 100.0,
+            "guards.rollback_skip_steps": 2,
+        },
+    )
     summary = train(cfg, str(tmp_path))
-    recs = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    recs = _records(tmp_path / "metrics.jsonl")
     steps = [r["step"] for r in recs]
     # Steps 1..9 ran (the 10th, data step 9, spiked and was not logged), then back to 8 → 9..12.
     assert steps == list(range(1, 10)) + [9, 10, 11, 12]
     assert recs[-1]["guards/rollbacks"] == 1 and recs[-1]["guards/spike_steps"] == 1
     # Data steps [8, 10) were skipped: the replayed step 9 saw data step 10, not the spiking 9.
-    from idefics_jax import checkpoint as fmt
+    from idefics_jax import ckpt_format as fmt
 
-    _, meta = fmt.read_config(tmp_path / "checkpoints")
+    _, _meta = fmt.read_config(tmp_path / "checkpoints")
     import orbax.checkpoint as ocp
 
-    mngr = fmt.manager(tmp_path / "checkpoints", ocp.CheckpointManagerOptions(read_only=True),
-                       items=(fmt.TRAIN_STATE,))
+    mngr = fmt.manager(tmp_path / "checkpoints", ocp.CheckpointManagerOptions(read_only=True), items=(fmt.TRAIN_STATE,))
     ts = mngr.restore(12, args=ocp.args.Composite(**{fmt.TRAIN_STATE: ocp.args.JsonRestore()}))[fmt.TRAIN_STATE]
     assert ts["guards"]["rollback_skips"] == [[8, 10]]
     assert summary["final_step"] == 12
 
 
 def test_spike_skip_mode_drops_the_update(tmp_path):
-    train(tiny(steps=8, checkpoint_every=100, log_every=100, **{
-        "debug.loss_scale_at_steps": [[6, 1000.0]], "guards.spike_window": 3, "guards.spike_sigmas": 100.0}),
-        str(tmp_path))
-    recs = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    train(
+        tiny(
+            steps=8,
+            checkpoint_every=100,
+            log_every=100,
+            **{"debug.loss_scale_at_steps": [[6, 1000.0]], "guards.spike_window": 3, "guards.spike_sigmas": 100.0},
+        ),
+        str(tmp_path),
+    )
+    recs = _records(tmp_path / "metrics.jsonl")
     assert [r["applied"] for r in recs] == [True] * 6 + [False, True]
 
 
@@ -220,7 +255,7 @@ def test_frozen_params_do_not_move_and_have_no_optimizer_state(tmp_path):
     params0 = jax.tree.map(np.asarray, state["params"])
     step = make_train_step(lay, 1e-3, 2, 4)
     for i in range(3):
-        state, m = step(state, _batch(config, i), jnp.float32(np.inf), jnp.float32(1.0))
+        state, _m = step(state, _batch(config, i), jnp.float32(np.inf), jnp.float32(1.0))
     for a, b in zip(jax.tree.leaves(frozen0), jax.tree.leaves(state["frozen"])):
         np.testing.assert_array_equal(a, np.asarray(b))
     flat0 = dict(nnx.to_flat_state(params0))
@@ -229,8 +264,10 @@ def test_frozen_params_do_not_move_and_have_no_optimizer_state(tmp_path):
     # Trainable: perceiver, cross-attention layers, additional embedding rows and head columns.
     paths = {p[0] if p[0] != "blocks" else p[1] for p, _ in nnx.to_flat_state(state["params"])}
     assert paths == {"perceiver_resampler", "gated_cross_attn_layer", "embed_tokens", "lm_head"}
-    assert {p[-1] for p, _ in nnx.to_flat_state(state["params"]) if p[0] in ("embed_tokens", "lm_head")} == \
-        {"additional_embedding", "additional_fc"}
+    assert {p[-1] for p, _ in nnx.to_flat_state(state["params"]) if p[0] in ("embed_tokens", "lm_head")} == {
+        "additional_embedding",
+        "additional_fc",
+    }
     # Adam's moments mirror exactly the trainable leaves.
     n_trainable = len(jax.tree.leaves(state["params"]))
     opt_leaves = [x for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) > 0]
@@ -248,17 +285,29 @@ train(c, sys.argv[1])
 """
 
 
-@pytest.mark.parametrize("first, second", [
-    ({"fsdp": 1}, {"fsdp": 2, "tensor": 2}),
-    ({"fsdp": 2, "tensor": 2}, {"fsdp": 1}),
-], ids=["1-to-4-devices", "4-to-1-device"])
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ({"fsdp": 1}, {"fsdp": 2, "tensor": 2}),
+        ({"fsdp": 2, "tensor": 2}, {"fsdp": 1}),
+    ],
+    ids=["1-to-4-devices", "4-to-1-device"],
+)
 def test_restore_onto_another_mesh_gives_the_same_next_loss(tmp_path, first, second):
     def run(workdir, steps, mesh):
         devices = 4 if mesh.get("tensor", 1) * mesh["fsdp"] == 4 else 1
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                   PYTHONPATH=os.path.join(ROOT, "tests"))
-        proc = subprocess.run([sys.executable, "-c", REMESH, str(workdir), str(steps), json.dumps(mesh)],
-                              env=env, capture_output=True, text=True, timeout=600)
+        env = dict(
+            os.environ,
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+            PYTHONPATH=os.path.join(ROOT, "tests"),
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", REMESH, str(workdir), str(steps), json.dumps(mesh)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     run(tmp_path / "a", 3, first)  # checkpoints at 2 and 3
@@ -283,10 +332,12 @@ def test_frozen_weights_can_have_their_own_layout_and_dtype():
     lay = state_lib.layout(config, sharding.make_mesh(config.mesh))
     spec_of = lambda tree, *path: dict(nnx.to_flat_state(tree))[path].get_value().spec
     # Frozen LLaMA weights: tensor-parallel only, never FSDP-gathered; trainable ones keep FSDP.
-    assert spec_of(lay.shardings["frozen"], "blocks", "layers", "self_attn", "q_proj", "kernel") == \
-        jax.sharding.PartitionSpec(None, None, None, "tensor")
-    assert spec_of(lay.shardings["params"], "blocks", "gated_cross_attn_layer", "cross_attn", "q_proj", "kernel") == \
-        jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert spec_of(
+        lay.shardings["frozen"], "blocks", "layers", "self_attn", "q_proj", "kernel"
+    ) == jax.sharding.PartitionSpec(None, None, None, "tensor")
+    assert spec_of(
+        lay.shardings["params"], "blocks", "gated_cross_attn_layer", "cross_attn", "q_proj", "kernel"
+    ) == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     state = state_lib.init(lay, 0)
     assert {x.dtype for x in jax.tree.leaves(state["frozen"])} == {jnp.dtype("bfloat16")}
     assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype("float32")}
@@ -315,6 +366,17 @@ def test_too_many_spikes_in_a_row_stop_the_run(tmp_path):
     from idefics_jax.train.loop import TrainingStopped
 
     with pytest.raises(TrainingStopped, match="2 steps in a row were loss spikes"):
-        train(tiny(steps=10, checkpoint_every=100, log_every=100, **{
-            "debug.loss_scale_at_steps": [[4, 1000.0], [5, 1000.0]], "guards.spike_window": 3,
-            "guards.spike_sigmas": 100.0, "guards.max_spikes_in_a_row": 2}), str(tmp_path))
+        train(
+            tiny(
+                steps=10,
+                checkpoint_every=100,
+                log_every=100,
+                **{
+                    "debug.loss_scale_at_steps": [[4, 1000.0], [5, 1000.0]],
+                    "guards.spike_window": 3,
+                    "guards.spike_sigmas": 100.0,
+                    "guards.max_spikes_in_a_row": 2,
+                },
+            ),
+            str(tmp_path),
+        )

@@ -8,7 +8,7 @@
 
 Every conversion goes through the one name table (`idefics_jax.hf`) one stacked parameter at a time:
 HF tensors are read from memory-mapped safetensors, assembled into our scan-stacked array, and
-written by `checkpoint.ParamsWriter` (Orbax partial saves); the other way, `checkpoint.iter_params`
+written by `ckpt_format.ParamsWriter` (Orbax partial saves); the other way, `ckpt_format.iter_params`
 restores one stacked array and `hf.SafetensorsWriter` writes its per-layer slices at their offsets
 in pre-planned shards. Peak memory is about twice the largest stacked parameter, never the model.
 
@@ -29,18 +29,19 @@ import shutil
 import sys
 import tempfile
 import textwrap
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 EXAMPLES = {
     "hf-to-jax": "example:\n  python tools/convert_weights.py hf-to-jax --hf ~/idefics-80b --out /ckpt/idefics-80b "
-                 "--dtype bfloat16\n  then: idefics_jax.load('/ckpt/idefics-80b'), or init_from it in training",
+    "--dtype bfloat16\n  then: idefics_jax.load('/ckpt/idefics-80b'), or init_from it in training",
     "jax-to-hf": "example:\n  python tools/convert_weights.py jax-to-hf --ckpt /runs/exp1/checkpoints --step 20000 "
-                 "--out ~/idefics-exp1-hf --tokenizer ~/idefics-80b --max-shard-size 5GB\n"
-                 "  then: IdeficsForVisionText2Text.from_pretrained('~/idefics-exp1-hf')",
+    "--out ~/idefics-exp1-hf --tokenizer ~/idefics-80b --max-shard-size 5GB\n"
+    "  then: IdeficsForVisionText2Text.from_pretrained('~/idefics-exp1-hf')",
     "init": "example:\n  python tools/convert_weights.py init --clip ~/CLIP-ViT-H-14-laion2B-s32B-b79K "
-            "--llama ~/llama-65b-hf --config configs/80b.py --out /ckpt/idefics-80b-init",
+    "--llama ~/llama-65b-hf --config configs/80b.py --out /ckpt/idefics-80b-init",
 }
 
 
@@ -49,6 +50,7 @@ class ConversionError(Exception):
 
 
 # Output directory handling ------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def atomic_output(out: str, overwrite: bool) -> Iterator[str]:
@@ -103,8 +105,9 @@ def _checked_reader(reader, where: Callable[[str], str], rename: Callable[[str],
         # Unmap at once: pages read through a map count in RSS while it stays open.
         reader.close()
         if tuple(t.shape) != expected[name]:
-            raise hf.CheckpointError(f"{where(src)}: tensor {src!r} has shape {tuple(t.shape)}; expected "
-                                     f"{expected[name]} from the config")
+            raise hf.CheckpointError(
+                f"{where(src)}: tensor {src!r} has shape {tuple(t.shape)}; expected {expected[name]} from the config"
+            )
         bar.update()
         return t
 
@@ -113,9 +116,10 @@ def _checked_reader(reader, where: Callable[[str], str], rename: Callable[[str],
 
 # hf-to-jax ----------------------------------------------------------------------------------------
 
+
 def hf_to_jax(args) -> None:
     """HF IDEFICS directory → our checkpoint (step 0: params + config)."""
-    from idefics_jax import checkpoint, hf
+    from idefics_jax import ckpt_format, hf
     from idefics_jax.config import IdeficsConfig
 
     config_path = os.path.join(args.hf, "config.json")
@@ -125,7 +129,7 @@ def hf_to_jax(args) -> None:
     entries = hf.entries(config)
     dtype = _np_dtype(args.dtype)
     with atomic_output(args.out, args.overwrite) as tmp:
-        writer = checkpoint.ParamsWriter(tmp, 0, _group_bytes(entries, dtype))
+        writer = ckpt_format.ParamsWriter(tmp, 0, _group_bytes(entries, dtype))
         expected = {name: e.hf_shape for e in entries for _, name in e.hf_items()}
         with _progress(len(expected), args.progress, "hf-to-jax") as bar:
             read = _checked_reader(reader, lambda n: hf.file_of(reader, n), lambda n: n, expected, bar)
@@ -149,32 +153,44 @@ def _hf_config(path: str, build: Callable[[dict], Any]):
 
 # jax-to-hf ----------------------------------------------------------------------------------------
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja",
-                   "preprocessor_config.json", "processor_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
 
 
 def jax_to_hf(args) -> None:
     """Our checkpoint (any step, converted or trained) → HF directory: config.json + safetensors shards."""
-    from idefics_jax import checkpoint, hf
+    from idefics_jax import ckpt_format, hf
     from idefics_jax.config import IdeficsConfig
 
     try:
-        step, cfg = checkpoint.read_config(args.ckpt, args.step)
+        step, cfg = ckpt_format.read_config(args.ckpt, args.step)
     except FileNotFoundError as e:
         raise ConversionError(str(e)) from e
     if "model" not in cfg:
         raise ConversionError(f"{args.ckpt}: step {step} config has no 'model' section; expected IdeficsConfig fields")
     config = IdeficsConfig.from_dict(cfg["model"])
     entries = hf.entries(config)
-    stored = checkpoint.params_metadata(args.ckpt, step)
+    stored = ckpt_format.params_metadata(args.ckpt, step)
     where = f"{os.path.abspath(args.ckpt)} step {step} params"
     for e in entries:
         if e.path not in stored:
             raise ConversionError(f"{where}: parameter {'.'.join(e.path)!r} is missing; expected {list(e.shape)}")
         if stored[e.path][0] != e.shape:
-            raise ConversionError(f"{where}: parameter {'.'.join(e.path)!r} has shape {list(stored[e.path][0])}; "
-                                  f"expected {list(e.shape)} from its config")
+            raise ConversionError(
+                f"{where}: parameter {'.'.join(e.path)!r} has shape {list(stored[e.path][0])}; "
+                f"expected {list(e.shape)} from its config"
+            )
     extra = sorted(set(stored) - {e.path for e in entries})
     if extra:
         raise ConversionError(f"{where}: unexpected parameter {'.'.join(extra[0])!r}; not part of its config's model")
@@ -189,7 +205,7 @@ def jax_to_hf(args) -> None:
         writer = hf.SafetensorsWriter(tmp, plan, hf.parse_size(args.max_shard_size))
         try:
             with _progress(len(plan), args.progress, "jax-to-hf") as bar:
-                for path, value in checkpoint.iter_params(args.ckpt, step, list(by_path)):
+                for path, value in ckpt_format.iter_params(args.ckpt, step, list(by_path)):
                     e = by_path[path]
                     for name, t in hf.iter_hf(e, value):
                         writer.write(name, t.astype(out_dtype[path], copy=False))
@@ -202,15 +218,19 @@ def jax_to_hf(args) -> None:
         hf_config = config.replace(param_dtype=dtypes.pop() if len(dtypes) == 1 else "float32").to_hf()
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)
-        for name in (tok_files if args.tokenizer else ()):
+        for name in tok_files if args.tokenizer else ():
             shutil.copy2(os.path.join(args.tokenizer, name), os.path.join(tmp, name))
 
 
 # init ---------------------------------------------------------------------------------------------
 
 # Our model's parts with no counterpart in CLIP or LLaMA: initialised by `Idefics`'s own initialisers.
-NEW_PARTS = (("perceiver_resampler",), ("blocks", "gated_cross_attn_layer"), ("embed_tokens", "additional_embedding"),
-             ("lm_head", "additional_fc"))
+NEW_PARTS = (
+    ("perceiver_resampler",),
+    ("blocks", "gated_cross_attn_layer"),
+    ("embed_tokens", "additional_embedding"),
+    ("lm_head", "additional_fc"),
+)
 
 
 def is_new(path: tuple[str, ...]) -> bool:
@@ -258,11 +278,23 @@ def check_clip(path: str, config) -> str:
     v = hf_cfg.vision_config if kind == "clip" else hf_cfg
     pre = "vision_config." if kind == "clip" else ""
     c = config.vision
-    _expect(path, [(pre + k, getattr(v, k), getattr(c, ours), "vision." + ours) for k, ours in [
-        ("hidden_size", "embed_dim"), ("intermediate_size", "intermediate_size"),
-        ("num_hidden_layers", "num_hidden_layers"), ("num_attention_heads", "num_attention_heads"),
-        ("image_size", "image_size"), ("patch_size", "patch_size"), ("num_channels", "num_channels"),
-        ("hidden_act", "hidden_act"), ("layer_norm_eps", "layer_norm_eps")]])
+    _expect(
+        path,
+        [
+            (pre + k, getattr(v, k), getattr(c, ours), "vision." + ours)
+            for k, ours in [
+                ("hidden_size", "embed_dim"),
+                ("intermediate_size", "intermediate_size"),
+                ("num_hidden_layers", "num_hidden_layers"),
+                ("num_attention_heads", "num_attention_heads"),
+                ("image_size", "image_size"),
+                ("patch_size", "patch_size"),
+                ("num_channels", "num_channels"),
+                ("hidden_act", "hidden_act"),
+                ("layer_norm_eps", "layer_norm_eps"),
+            ]
+        ],
+    )
     return kind
 
 
@@ -272,26 +304,45 @@ def check_llama(path: str, config) -> None:
     rope = getattr(d, "rope_parameters", None) or getattr(d, "rope_scaling", None) or {}
     theta = rope.get("rope_theta", getattr(d, "rope_theta", 10000.0))
     heads = d.num_attention_heads
-    _expect(path, [
-        ("vocab_size", d.vocab_size, config.vocab_size, "vocab_size"),
-        ("hidden_size", d.hidden_size, config.hidden_size, "hidden_size"),
-        ("intermediate_size", d.intermediate_size, config.intermediate_size, "intermediate_size"),
-        ("num_hidden_layers", d.num_hidden_layers, config.num_hidden_layers, "num_hidden_layers"),
-        ("num_attention_heads", heads, config.num_attention_heads, "num_attention_heads"),
-        ("num_key_value_heads", getattr(d, "num_key_value_heads", None) or heads, config.num_attention_heads,
-         "num_attention_heads (IDEFICS has no grouped-query attention)"),
-        ("head_dim", getattr(d, "head_dim", None) or config.head_dim, config.head_dim,
-         "hidden_size / num_attention_heads"),
-        ("hidden_act", d.hidden_act, config.hidden_act, "hidden_act"),
-        ("rms_norm_eps", d.rms_norm_eps, config.rms_norm_eps, "rms_norm_eps"),
-        ("rope_theta", float(theta), config.rope_theta, "rope_theta"),
-        ("rope_type", rope.get("rope_type", rope.get("type", "default")), "default",
-         "RoPE (only default is supported)"),
-        ("attention_bias", getattr(d, "attention_bias", False), False, "bias-free attention"),
-        ("mlp_bias", getattr(d, "mlp_bias", False), False, "bias-free MLP"),
-        ("tie_word_embeddings", getattr(d, "tie_word_embeddings", False), config.tie_word_embeddings,
-         "tie_word_embeddings"),
-    ])
+    _expect(
+        path,
+        [
+            ("vocab_size", d.vocab_size, config.vocab_size, "vocab_size"),
+            ("hidden_size", d.hidden_size, config.hidden_size, "hidden_size"),
+            ("intermediate_size", d.intermediate_size, config.intermediate_size, "intermediate_size"),
+            ("num_hidden_layers", d.num_hidden_layers, config.num_hidden_layers, "num_hidden_layers"),
+            ("num_attention_heads", heads, config.num_attention_heads, "num_attention_heads"),
+            (
+                "num_key_value_heads",
+                getattr(d, "num_key_value_heads", None) or heads,
+                config.num_attention_heads,
+                "num_attention_heads (IDEFICS has no grouped-query attention)",
+            ),
+            (
+                "head_dim",
+                getattr(d, "head_dim", None) or config.head_dim,
+                config.head_dim,
+                "hidden_size / num_attention_heads",
+            ),
+            ("hidden_act", d.hidden_act, config.hidden_act, "hidden_act"),
+            ("rms_norm_eps", d.rms_norm_eps, config.rms_norm_eps, "rms_norm_eps"),
+            ("rope_theta", float(theta), config.rope_theta, "rope_theta"),
+            (
+                "rope_type",
+                rope.get("rope_type", rope.get("type", "default")),
+                "default",
+                "RoPE (only default is supported)",
+            ),
+            ("attention_bias", getattr(d, "attention_bias", False), False, "bias-free attention"),
+            ("mlp_bias", getattr(d, "mlp_bias", False), False, "bias-free MLP"),
+            (
+                "tie_word_embeddings",
+                getattr(d, "tie_word_embeddings", False),
+                config.tie_word_embeddings,
+                "tie_word_embeddings",
+            ),
+        ],
+    )
 
 
 def _check_source_keys(reader, expected: set[str], ignore: Callable[[str], bool]) -> None:
@@ -300,12 +351,15 @@ def _check_source_keys(reader, expected: set[str], ignore: Callable[[str], bool]
     keys = set(reader.keys())
     missing = sorted(expected - keys)
     if missing:
-        raise hf.CheckpointError(f"{hf.listing_file(reader)}: tensor {missing[0]!r} is missing "
-                                 f"({len(missing)} missing in all)")
+        raise hf.CheckpointError(
+            f"{hf.listing_file(reader)}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)"
+        )
     unexpected = sorted(k for k in keys - expected if not ignore(k))
     if unexpected:
-        raise hf.CheckpointError(f"{hf.file_of(reader, unexpected[0])}: unexpected tensor {unexpected[0]!r} "
-                                 f"({len(unexpected)} unexpected in all); not part of the configured architecture")
+        raise hf.CheckpointError(
+            f"{hf.file_of(reader, unexpected[0])}: unexpected tensor {unexpected[0]!r} "
+            f"({len(unexpected)} unexpected in all); not part of the configured architecture"
+        )
 
 
 def new_params(config, seed: int, groups: list[list[tuple[str, ...]]]) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
@@ -321,6 +375,7 @@ def new_params(config, seed: int, groups: list[list[tuple[str, ...]]]) -> Iterat
     from idefics_jax.models import Idefics
 
     for group in groups:
+
         def init(group=tuple(group)):
             state = nnx.state(Idefics(config, rngs=nnx.Rngs(seed)), nnx.Param)
             flat = {tuple(str(k) for k in p): v for p, v in nnx.to_flat_state(state)}
@@ -332,7 +387,7 @@ def new_params(config, seed: int, groups: list[list[tuple[str, ...]]]) -> Iterat
 
 def init(args) -> None:
     """A fresh IDEFICS checkpoint: vision tower from CLIP, language model from LLaMA, the rest initialised."""
-    from idefics_jax import checkpoint, hf
+    from idefics_jax import ckpt_format, hf
     from idefics_jax.config import IdeficsConfig
 
     cfg = load_config_file(args.config)
@@ -348,15 +403,22 @@ def init(args) -> None:
     entries = hf.entries(config)
     # CLIPModel and older CLIPVisionModel files name the tower `vision_model.…`; transformers 5 saves a
     # CLIPVisionModel without that prefix.
-    prefix = "vision_model." if any(k.startswith("vision_model.") for k in clip.keys()) else ""
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in clip) else ""
     from_clip = lambda n: n.replace("model.vision_model.", prefix, 1)
     vision = [e for e in entries if e.path[0] == "vision_model"]
     text = [e for e in entries if e.path[0] != "vision_model" and not is_new(e.path)]
     new = [e for e in entries if is_new(e.path)]
-    _check_source_keys(clip, {from_clip(n) for e in vision for _, n in e.hf_items()},
-                       lambda k: k.endswith(hf.BUFFER_SUFFIXES) or (
-                           clip_kind == "clip" and k.startswith(("text_model.", "visual_projection.",
-                                                                 "text_projection.", "logit_scale"))))
+    _check_source_keys(
+        clip,
+        {from_clip(n) for e in vision for _, n in e.hf_items()},
+        lambda k: (
+            k.endswith(hf.BUFFER_SUFFIXES)
+            or (
+                clip_kind == "clip"
+                and k.startswith(("text_model.", "visual_projection.", "text_projection.", "logit_scale"))
+            )
+        ),
+    )
     _check_source_keys(llama, {n for e in text for _, n in e.hf_items()}, lambda k: k.endswith(hf.BUFFER_SUFFIXES))
     seed = args.seed if args.seed is not None else int(cfg.get("seed", 0) or 0)
     dtype = _np_dtype(config.param_dtype)
@@ -372,7 +434,7 @@ def init(args) -> None:
         size += nbytes
     expected = {name: e.hf_shape for e in vision + text for _, name in e.hf_items()}
     with atomic_output(args.out, args.overwrite) as tmp:
-        writer = checkpoint.ParamsWriter(tmp, 0, budget)
+        writer = ckpt_format.ParamsWriter(tmp, 0, budget)
         with _progress(len(expected) + len(new), args.progress, "init") as bar:
             for e in vision:
                 writer.reserve(int(np.prod(e.shape)) * dtype.itemsize)
@@ -385,18 +447,30 @@ def init(args) -> None:
             for path, value in new_params(config, seed, [g for g in groups if g]):
                 writer.add(path, value)
                 bar.update()
-        writer.finish({"model": config.to_dict(), "converted_from": {
-            "clip": os.path.abspath(args.clip), "llama": os.path.abspath(args.llama),
-            "config": os.path.abspath(args.config), "seed": seed}})
+        writer.finish(
+            {
+                "model": config.to_dict(),
+                "converted_from": {
+                    "clip": os.path.abspath(args.clip),
+                    "llama": os.path.abspath(args.llama),
+                    "config": os.path.abspath(args.config),
+                    "seed": seed,
+                },
+            }
+        )
 
 
 # CLI ----------------------------------------------------------------------------------------------
 
+
 def parser() -> argparse.ArgumentParser:
     """The CLI: three subcommands, each with an example in its --help."""
-    p = argparse.ArgumentParser(prog="convert_weights.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(EXAMPLES.values()))
+    p = argparse.ArgumentParser(
+        prog="convert_weights.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(EXAMPLES.values()),
+    )
     sub = p.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
     dtypes = ("float32", "bfloat16", "float16")
@@ -404,26 +478,42 @@ def parser() -> argparse.ArgumentParser:
     def common(s):
         s.add_argument("--out", required=True, help="output directory (written atomically)")
         s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-        s.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
-                       help="progress bar over tensors on stderr (auto: only on a terminal)")
+        s.add_argument(
+            "--progress",
+            choices=("auto", "always", "never"),
+            default="auto",
+            help="progress bar over tensors on stderr (auto: only on a terminal)",
+        )
 
-    s = sub.add_parser("hf-to-jax", help="HF IDEFICS directory → our Orbax checkpoint", epilog=EXAMPLES["hf-to-jax"],
-                       formatter_class=fmt,
-                       description=textwrap.fill(
-                                   "Reads config.json + model.safetensors (or sharded safetensors with "
-                                   "model.safetensors.index.json, or pytorch_model*.bin, tensors only) and writes "
-                                   "step 0 of an Orbax checkpoint (scan-stacked params + config).", 100))
+    s = sub.add_parser(
+        "hf-to-jax",
+        help="HF IDEFICS directory → our Orbax checkpoint",
+        epilog=EXAMPLES["hf-to-jax"],
+        formatter_class=fmt,
+        description=textwrap.fill(
+            "Reads config.json + model.safetensors (or sharded safetensors with "
+            "model.safetensors.index.json, or pytorch_model*.bin, tensors only) and writes "
+            "step 0 of an Orbax checkpoint (scan-stacked params + config).",
+            100,
+        ),
+    )
     s.add_argument("--hf", required=True, help="HF IDEFICS model directory")
     s.add_argument("--dtype", choices=dtypes, default="float32", help="stored parameter dtype (default float32)")
     common(s)
     s.set_defaults(run=hf_to_jax)
 
-    s = sub.add_parser("jax-to-hf", help="our checkpoint → HF IDEFICS directory", epilog=EXAMPLES["jax-to-hf"],
-                       formatter_class=fmt,
-                       description=textwrap.fill(
-                                   "Writes config.json, safetensors shards (+ model.safetensors.index.json) loadable "
-                                   "by IdeficsForVisionText2Text.from_pretrained, and the tokenizer files if given. "
-                                   "Works on converted and training checkpoints.", 100))
+    s = sub.add_parser(
+        "jax-to-hf",
+        help="our checkpoint → HF IDEFICS directory",
+        epilog=EXAMPLES["jax-to-hf"],
+        formatter_class=fmt,
+        description=textwrap.fill(
+            "Writes config.json, safetensors shards (+ model.safetensors.index.json) loadable "
+            "by IdeficsForVisionText2Text.from_pretrained, and the tokenizer files if given. "
+            "Works on converted and training checkpoints.",
+            100,
+        ),
+    )
     s.add_argument("--ckpt", required=True, help="our checkpoint directory (Orbax CheckpointManager root)")
     s.add_argument("--step", type=int, default=None, help="step to convert (default: the latest)")
     s.add_argument("--tokenizer", help="directory whose tokenizer/processor files are copied beside the weights")
@@ -432,14 +522,20 @@ def parser() -> argparse.ArgumentParser:
     common(s)
     s.set_defaults(run=jax_to_hf)
 
-    s = sub.add_parser("init", help="fresh IDEFICS from HF CLIP + LLaMA checkpoints", epilog=EXAMPLES["init"],
-                       formatter_class=fmt,
-                       description=textwrap.fill(
-                                   "Vision tower from an HF CLIP checkpoint (CLIPVisionModel or CLIPModel layout), "
-                                   "language model from an HF LlamaForCausalLM checkpoint, the new parts (perceiver, "
-                                   "gated cross-attention layers, additional embedding rows and LM-head columns) "
-                                   "initialised by the model's own initialisers as the config says (gates zero with "
-                                   "alpha_initializer='zeros'). Any architecture mismatch is an error.", 100))
+    s = sub.add_parser(
+        "init",
+        help="fresh IDEFICS from HF CLIP + LLaMA checkpoints",
+        epilog=EXAMPLES["init"],
+        formatter_class=fmt,
+        description=textwrap.fill(
+            "Vision tower from an HF CLIP checkpoint (CLIPVisionModel or CLIPModel layout), "
+            "language model from an HF LlamaForCausalLM checkpoint, the new parts (perceiver, "
+            "gated cross-attention layers, additional embedding rows and LM-head columns) "
+            "initialised by the model's own initialisers as the config says (gates zero with "
+            "alpha_initializer='zeros'). Any architecture mismatch is an error.",
+            100,
+        ),
+    )
     s.add_argument("--clip", required=True, help="HF CLIP model directory")
     s.add_argument("--llama", required=True, help="HF LLaMA model directory")
     s.add_argument("--config", required=True, help="config file with get_config() and a `model` section")

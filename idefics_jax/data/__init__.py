@@ -1,11 +1,11 @@
 """Input data for IDEFICS: the processor (inference inputs) and the Grain training pipeline.
 
-  Processor(tokenizer_path, image_size)(prompts) → input_ids, attention_mask, pixel_values,
-      image_attention_mask, equal to transformers' IdeficsProcessor (processor.py)
-  default_config() → the `data` config section; pipeline(cfg, process_index, process_count) →
-      step-indexed packed batches (pipeline.py), from the formats read by formats.py, packed by
-      packing.py
-  tiny.ensure(dir) → the bundled tiny dataset and tokenizer (tiny.py)
+Processor(tokenizer_path, image_size)(prompts) → input_ids, attention_mask, pixel_values,
+    image_attention_mask, equal to transformers' IdeficsProcessor (processor.py)
+default_config() → the `data` config section; pipeline(cfg, process_index, process_count) →
+    step-indexed packed batches (pipeline.py), from the formats read by formats.py, packed by
+    packing.py
+tiny.ensure(dir) → the bundled tiny dataset and tokenizer (tiny.py)
 """
 
 from idefics_jax.data.pipeline import BATCH_KEYS, COUNTERS, REASONS, Pipeline, default_config, pipeline

@@ -132,7 +132,7 @@ def _field(cfg, name, kind, check, expected):
     if name not in cfg:
         raise ValueError(f"data.{name}: missing (expected {expected})")
     v = cfg[name]
-    if not isinstance(v, kind) or isinstance(v, bool) and kind is not bool or not check(v):
+    if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool) or not check(v):
         raise ValueError(f"data.{name}: expected {expected}, got {v!r}")
     return v
 
@@ -495,8 +495,13 @@ class Pipeline:
         attempted = self._counters[:, _C["attempted"]]
         skipped = self._counters[:, _C["skipped"]]
         for d, name in enumerate(self.dataset_names):
-            if attempted[d] >= self.cfg.skip_check_min_examples and skipped[d] > self.cfg.max_skip_fraction * attempted[d]:
-                reasons = {r: int(self._counters[d, _C[f"skip_{r}"]]) for r in REASONS if self._counters[d, _C[f"skip_{r}"]]}
+            if (
+                attempted[d] >= self.cfg.skip_check_min_examples
+                and skipped[d] > self.cfg.max_skip_fraction * attempted[d]
+            ):
+                reasons = {
+                    r: int(self._counters[d, _C[f"skip_{r}"]]) for r in REASONS if self._counters[d, _C[f"skip_{r}"]]
+                }
                 raise RuntimeError(
                     f"data: dataset {name!r} skipped {skipped[d]} of {attempted[d]} examples "
                     f"({skipped[d] / attempted[d]:.1%}), more than data.max_skip_fraction="
@@ -509,8 +514,7 @@ class Pipeline:
         images, attempted, skipped (examples), truncated (documents cut to a window) and
         skip_<reason> (examples, or images dropped from a document, per reason in REASONS)."""
         return {
-            name: {c: int(v) for c, v in zip(COUNTERS, self._counters[d])}
-            for d, name in enumerate(self.dataset_names)
+            name: {c: int(v) for c, v in zip(COUNTERS, self._counters[d])} for d, name in enumerate(self.dataset_names)
         }
 
     def state(self) -> dict:

@@ -267,8 +267,9 @@ def generate(out_dir: str, seed: int = 0) -> dict[str, str]:
     # Drawn after every training example, so the training split is unchanged by its existence.
     heldout = os.path.join(out_dir, "heldout")
     os.makedirs(heldout, exist_ok=True)
-    _write_docs_parquet(os.path.join(heldout, "docs-00000.parquet"), [_document(rng) for _ in range(N_HELDOUT)],
-                        None, first_id=10**6)
+    _write_docs_parquet(
+        os.path.join(heldout, "docs-00000.parquet"), [_document(rng) for _ in range(N_HELDOUT)], None, first_id=10**6
+    )
     pairs = [_pair(rng) for _ in range(N_HELDOUT)]
     pq.write_table(
         pa.table({"image": pa.array([p[0] for p in pairs], pa.binary()), "text": [p[1] for p in pairs]}),
@@ -278,11 +279,7 @@ def generate(out_dir: str, seed: int = 0) -> dict[str, str]:
 
     # Every template with every word, so the BPE has enough material for its merges.
     corpus += [
-        t.format(c=c, s=s, b=b)
-        for t in _CAPTIONS + _AFTER_IMAGE
-        for c in COLOURS
-        for s in SHAPES
-        for b in BACKGROUNDS
+        t.format(c=c, s=s, b=b) for t in _CAPTIONS + _AFTER_IMAGE for c in COLOURS for s in SHAPES for b in BACKGROUNDS
     ]
     corpus += list(_FILLER) * 20
     _train_tokenizer(corpus, os.path.join(out_dir, "tokenizer"))

@@ -30,8 +30,9 @@ class CrossAttention(nnx.Module):
 
     def __init__(self, config: IdeficsConfig, *, rngs: nnx.Rngs | None):
         d, e = config.hidden_size, config.vision.embed_dim
-        kw = dict(bias=False, std=config.initializer_range, dtype=config.dtype,
-                  param_dtype=config.param_dtype, rngs=rngs)
+        kw = dict(
+            bias=False, std=config.initializer_range, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs
+        )
         self.q_proj = L.Linear(d, d, ("embed", "heads"), **kw)
         self.k_proj = L.Linear(e, d, ("vision_embed", "heads"), **kw)
         self.v_proj = L.Linear(e, d, ("vision_embed", "heads"), **kw)
@@ -64,15 +65,23 @@ class GatedCrossAttentionLayer(nnx.Module):
         self.input_layernorm = L.RMSNorm(d, config.rms_norm_eps, param_dtype=pdt)
         self.cross_attn = CrossAttention(config, rngs=rngs)
         self.post_attention_layernorm = L.RMSNorm(d, config.rms_norm_eps, param_dtype=pdt)
-        self.mlp = L.GatedMLP(d, config.intermediate_size, config.hidden_act, std=config.initializer_range,
-                              dtype=config.dtype, param_dtype=pdt, rngs=rngs)
+        self.mlp = L.GatedMLP(
+            d,
+            config.intermediate_size,
+            config.hidden_act,
+            std=config.initializer_range,
+            dtype=config.dtype,
+            param_dtype=pdt,
+            rngs=rngs,
+        )
         shape, axes = ((1, 1, d), (None, None, None)) if config.alpha_type == "vector" else ((1,), (None,))
         init = _alpha_init(config)
         self.alpha_cross_attn = L.param(rngs, init, shape, axes, L.dtype_of(pdt))
         self.alpha_dense = L.param(rngs, init, shape, axes, L.dtype_of(pdt))
 
-    def __call__(self, h: jax.Array, image_states: jax.Array | None, mask: jax.Array | None,
-                 live: jax.Array | None) -> jax.Array:
+    def __call__(
+        self, h: jax.Array, image_states: jax.Array | None, mask: jax.Array | None, live: jax.Array | None
+    ) -> jax.Array:
         """h [B, T, D]; image_states [B, N*S, E], mask bool [B, 1, T, N*S] and live bool [B, T], or all
         None (text only, where the attention contributes nothing) → [B, T, D]."""
         if image_states is not None:

@@ -35,15 +35,20 @@ class DecoupledEmbedding(nnx.Module):
         self.weight = L.param(rngs, L.normal(std), (config.vocab_size, config.hidden_size), ("vocab", "embed"), pdt)
         self.additional_embedding = (
             L.param(rngs, L.normal(std), (config.additional_vocab_size, config.hidden_size), (None, "embed"), pdt)
-            if config.additional_vocab_size else None)
+            if config.additional_vocab_size
+            else None
+        )
         self.dtype = L.dtype_of(config.dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         """ids int [B, T] → [B, T, D] in the compute dtype."""
         base = jnp.take(self.weight[...], jnp.clip(ids, 0, self.vocab_size - 1), axis=0)
         if self.additional_embedding is not None:
-            extra = jnp.take(self.additional_embedding[...],
-                             jnp.clip(ids - self.vocab_size, 0, self.additional_embedding.shape[0] - 1), axis=0)
+            extra = jnp.take(
+                self.additional_embedding[...],
+                jnp.clip(ids - self.vocab_size, 0, self.additional_embedding.shape[0] - 1),
+                axis=0,
+            )
             base = jnp.where((ids >= self.vocab_size)[..., None], extra, base)
         return base.astype(self.dtype)
 
@@ -56,13 +61,14 @@ class DecoupledHead(nnx.Module):
         self.weight = L.param(rngs, L.normal(std), (config.hidden_size, config.vocab_size), ("embed", "vocab"), pdt)
         self.additional_fc = (
             L.param(rngs, L.normal(std), (config.hidden_size, config.additional_vocab_size), ("embed", None), pdt)
-            if config.additional_vocab_size else None)
+            if config.additional_vocab_size
+            else None
+        )
         self.dtype = L.dtype_of(config.dtype)
 
     def __call__(self, h: jax.Array) -> jax.Array:
         """h [B, T, D] → float32 logits [B, T, V + A]."""
-        return _logits(h, self.weight[...], None if self.additional_fc is None else self.additional_fc[...],
-                       self.dtype)
+        return _logits(h, self.weight[...], None if self.additional_fc is None else self.additional_fc[...], self.dtype)
 
 
 def _logits(h: jax.Array, w: jax.Array, extra: jax.Array | None, dtype) -> jax.Array:
@@ -96,10 +102,11 @@ class Block(nnx.Module):
         self.layers = L.stack(lambda r: DecoderLayer(config, rngs=r), config.cross_layer_interval, rngs)
         self.remat = config.remat
 
-    def __call__(self, h: jax.Array, ctx: "Context") -> jax.Array:
+    def __call__(self, h: jax.Array, ctx: Context) -> jax.Array:
         """h [B, T, D] → [B, T, D]."""
-        h = L.checkpoint(lambda x: self.gated_cross_attn_layer(x, ctx.image_states, ctx.image_mask, ctx.image_live),
-                         self.remat)(h)
+        h = L.checkpoint(
+            lambda x: self.gated_cross_attn_layer(x, ctx.image_states, ctx.image_mask, ctx.image_live), self.remat
+        )(h)
         h = L.scan(self.layers, lambda layer, x: layer(x, ctx.cos, ctx.sin, ctx.mask, ctx.live), h, self.remat)
         return sharding.constrain(h, HIDDEN)
 
@@ -130,8 +137,15 @@ class Idefics(nnx.Module):
             x = sharding.constrain(self.perceiver_resampler(x), HIDDEN)
         return x.reshape(b, n * x.shape[1], x.shape[2])
 
-    def __call__(self, input_ids: Any, pixel_values: Any = None, image_attention_mask: Any = None,
-                 attention_mask: Any = None, position_ids: Any = None, segment_ids: Any = None) -> jax.Array:
+    def __call__(
+        self,
+        input_ids: Any,
+        pixel_values: Any = None,
+        image_attention_mask: Any = None,
+        attention_mask: Any = None,
+        position_ids: Any = None,
+        segment_ids: Any = None,
+    ) -> jax.Array:
         """Logits for a batch, accepting HF's layouts (numpy or jax arrays).
 
         input_ids int [B, T]; pixel_values float [B, N, C, H, W] or None (text only);
@@ -146,8 +160,11 @@ class Idefics(nnx.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids has shape {input_ids.shape}; expected [batch, seq_len]")
         b, t = input_ids.shape
-        attention_mask = (jnp.ones((b, t), bool) if attention_mask is None
-                          else _check_shape(attention_mask, (b, t), "attention_mask").astype(bool))
+        attention_mask = (
+            jnp.ones((b, t), bool)
+            if attention_mask is None
+            else _check_shape(attention_mask, (b, t), "attention_mask").astype(bool)
+        )
         if position_ids is None:
             position_ids = jnp.where(attention_mask, jnp.cumsum(attention_mask, axis=-1) - 1, 1)
         else:

@@ -11,7 +11,8 @@ Conventions (see DESIGN.md §3):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +67,18 @@ ACT_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias). kernel [in, out] with logical axes `axes`; bias [out] on axes[1]."""
 
-    def __init__(self, d_in: int, d_out: int, axes: Axes, *, bias: bool, std: float, dtype: str,
-                 param_dtype: str, rngs: nnx.Rngs | None):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        axes: Axes,
+        *,
+        bias: bool,
+        std: float,
+        dtype: str,
+        param_dtype: str,
+        rngs: nnx.Rngs | None,
+    ):
         self.dtype = dtype_of(dtype)
         self.kernel = param(rngs, normal(std), (d_in, d_out), axes, dtype_of(param_dtype))
         self.bias = param(rngs, zeros, (d_out,), (axes[1],), dtype_of(param_dtype)) if bias else None
@@ -114,8 +125,9 @@ class LayerNorm(nnx.Module):
 class GatedMLP(nnx.Module):
     """LLaMA SwiGLU MLP: down(act(gate(x)) * up(x)); gate/up column-, down row-parallel."""
 
-    def __init__(self, d: int, hidden: int, act: str, *, std: float, dtype: str, param_dtype: str,
-                 rngs: nnx.Rngs | None):
+    def __init__(
+        self, d: int, hidden: int, act: str, *, std: float, dtype: str, param_dtype: str, rngs: nnx.Rngs | None
+    ):
         kw = dict(bias=False, std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.gate_proj = Linear(d, hidden, ("embed", "mlp"), **kw)
         self.up_proj = Linear(d, hidden, ("embed", "mlp"), **kw)
@@ -133,8 +145,9 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
-              live: jax.Array | None = None) -> jax.Array:
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float, live: jax.Array | None = None
+) -> jax.Array:
     """Softmax attention, [B, T, N, H] × [B, S, N, H] → [B, T, N*H].
 
     `mask` is boolean, broadcastable to [B, N, T, S] (True = may attend). `live` bool [B, T] marks the
@@ -167,8 +180,10 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 # Depth by scan -----------------------------------------------------------------------------------
 
-def stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs | None,
-          axis_name: str = "layers") -> nnx.Module:
+
+def stack(
+    make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs | None, axis_name: str = "layers"
+) -> nnx.Module:
     """`n` independent copies of `make(rngs)` as one module whose params carry a leading [n] axis.
 
     Each copy draws its own init key; the logical axis `axis_name` is prepended to every param's axes.
@@ -219,4 +234,3 @@ def checkpoint(fn: Callable, remat: str) -> Callable:
     if remat == "none":
         return fn
     return jax.checkpoint(fn, policy=REMAT_POLICIES[remat], prevent_cse=False)
-

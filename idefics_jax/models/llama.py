@@ -16,8 +16,9 @@ class SelfAttention(nnx.Module):
 
     def __init__(self, config: IdeficsConfig, *, rngs: nnx.Rngs | None):
         d = config.hidden_size
-        kw = dict(bias=False, std=config.initializer_range, dtype=config.dtype,
-                  param_dtype=config.param_dtype, rngs=rngs)
+        kw = dict(
+            bias=False, std=config.initializer_range, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs
+        )
         self.q_proj = L.Linear(d, d, ("embed", "heads"), **kw)
         self.k_proj = L.Linear(d, d, ("embed", "heads"), **kw)
         self.v_proj = L.Linear(d, d, ("embed", "heads"), **kw)
@@ -43,8 +44,15 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = L.RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=pdt)
         self.self_attn = SelfAttention(config, rngs=rngs)
         self.post_attention_layernorm = L.RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=pdt)
-        self.mlp = L.GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
-                              std=config.initializer_range, dtype=config.dtype, param_dtype=pdt, rngs=rngs)
+        self.mlp = L.GatedMLP(
+            config.hidden_size,
+            config.intermediate_size,
+            config.hidden_act,
+            std=config.initializer_range,
+            dtype=config.dtype,
+            param_dtype=pdt,
+            rngs=rngs,
+        )
 
     def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, live: jax.Array) -> jax.Array:
         """h [B, T, D] → [B, T, D] (see SelfAttention for the other shapes)."""

@@ -58,8 +58,9 @@ class PerceiverMLP(nnx.Module):
 
     def __init__(self, config: IdeficsConfig, *, rngs: nnx.Rngs | None):
         e = config.vision.embed_dim
-        kw = dict(bias=False, std=config.initializer_range, dtype=config.dtype,
-                  param_dtype=config.param_dtype, rngs=rngs)
+        kw = dict(
+            bias=False, std=config.initializer_range, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs
+        )
         self.ln = L.LayerNorm(e, LN_EPS, param_dtype=config.param_dtype)
         self.fc = L.Linear(e, 4 * e, ("vision_embed", "vision_mlp"), **kw)
         self.c_proj = L.Linear(4 * e, e, ("vision_mlp", "vision_embed"), **kw)
@@ -86,8 +87,9 @@ class PerceiverResampler(nnx.Module):
 
     def __init__(self, config: IdeficsConfig, *, rngs: nnx.Rngs | None):
         p, e = config.perceiver, config.vision.embed_dim
-        self.latents = L.param(rngs, L.normal(1.0), (p.resampler_n_latents, e), (None, "vision_embed"),
-                               L.dtype_of(config.param_dtype))
+        self.latents = L.param(
+            rngs, L.normal(1.0), (p.resampler_n_latents, e), (None, "vision_embed"), L.dtype_of(config.param_dtype)
+        )
         self.blocks = L.stack(lambda r: PerceiverBlock(config, rngs=r), p.resampler_depth, rngs)
         self.layer_norm = L.LayerNorm(e, LN_EPS, param_dtype=config.param_dtype)
         self.dtype = L.dtype_of(config.dtype)
@@ -96,6 +98,7 @@ class PerceiverResampler(nnx.Module):
     def __call__(self, context: jax.Array) -> jax.Array:
         """context [M, S, E] → latents [M, n_latents, E] in the compute dtype."""
         latents = jnp.broadcast_to(self.latents[...].astype(self.dtype), (context.shape[0], *self.latents.shape))
-        latents = L.scan(self.blocks, lambda blk, lat: sharding.constrain(blk(context, lat), HIDDEN), latents,
-                         self.remat)
+        latents = L.scan(
+            self.blocks, lambda blk, lat: sharding.constrain(blk(context, lat), HIDDEN), latents, self.remat
+        )
         return self.layer_norm(latents)

@@ -80,16 +80,19 @@ class VisionEmbeddings(nnx.Module):
         # Stored [C*P*P, E]: HF's conv weight [E, C, P, P] flattened and transposed.
         self.patch_embedding = L.param(rngs, L.normal(std), (patch_in, v.embed_dim), (None, "vision_embed"), pdt)
         self.class_embedding = L.param(rngs, L.normal(1.0), (v.embed_dim,), ("vision_embed",), pdt)
-        self.position_embedding = L.param(rngs, L.normal(std), (v.num_patches + 1, v.embed_dim),
-                                          (None, "vision_embed"), pdt)
+        self.position_embedding = L.param(
+            rngs, L.normal(std), (v.num_patches + 1, v.embed_dim), (None, "vision_embed"), pdt
+        )
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """pixels [M, C, H, W] → [M, 1 + (H/P)*(W/P), E] in the compute dtype."""
         v = self.v
         m, c, h, w = pixels.shape
         if (c, h, w) != (v.num_channels, v.image_size, v.image_size):
-            raise ValueError(f"pixel_values images are {c}x{h}x{w}; expected "
-                             f"{v.num_channels}x{v.image_size}x{v.image_size} (channels x height x width)")
+            raise ValueError(
+                f"pixel_values images are {c}x{h}x{w}; expected "
+                f"{v.num_channels}x{v.image_size}x{v.image_size} (channels x height x width)"
+            )
         p = v.patch_size
         x = pixels.astype(self.dtype).reshape(m, c, h // p, p, w // p, p)
         x = x.transpose(0, 2, 4, 1, 3, 5).reshape(m, (h // p) * (w // p), c * p * p)

@@ -41,8 +41,11 @@ def main(argv):
     except TrainingStopped as e:
         sys.exit(f"training stopped: {e}")
     if jax.process_index() == 0:
-        print(f"done: step {summary['final_step']}, loss {summary['last_loss']}, "
-              f"checkpoints {summary['checkpoints']}", file=sys.stderr, flush=True)
+        print(
+            f"done: step {summary['final_step']}, loss {summary['last_loss']}, checkpoints {summary['checkpoints']}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

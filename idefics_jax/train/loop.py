@@ -18,12 +18,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from idefics_jax import checkpoint as fmt
+from idefics_jax import ckpt_format as fmt
 from idefics_jax import data as data_lib
 from idefics_jax import sharding
 from idefics_jax.config import IdeficsConfig
 from idefics_jax.train import state as state_lib
-from idefics_jax.train.checkpoint import Checkpointer
+from idefics_jax.train.checkpointer import Checkpointer
 from idefics_jax.train.metrics import Writer, model_flops_per_step
 from idefics_jax.train.step import make_eval_step, make_train_step
 
@@ -44,8 +44,10 @@ class Guards:
         self.window = collections.deque(saved.get("window", []), maxlen=int(cfg.spike_window))
         self.nonfinite_run = int(saved.get("nonfinite_run", 0))
         self.spike_run = int(saved.get("spike_run", 0))
-        self.counts = {k: int(saved.get("counts", {}).get(k, 0))
-                       for k in ("nonfinite_steps", "spike_steps", "rollbacks", "skipped_data_steps")}
+        self.counts = {
+            k: int(saved.get("counts", {}).get(k, 0))
+            for k in ("nonfinite_steps", "spike_steps", "rollbacks", "skipped_data_steps")
+        }
         self.rollback_skips = [list(map(int, r)) for r in saved.get("rollback_skips", [])]
 
     def threshold(self) -> float:
@@ -65,7 +67,8 @@ class Guards:
                     f"{self.nonfinite_run} steps in a row had a non-finite loss or gradient "
                     f"(train.guards.max_nonfinite_in_a_row={self.cfg.max_nonfinite_in_a_row}); stopping. "
                     "The last checkpoint is intact; lower the learning rate or skip the data range "
-                    "(data.skip_steps) and restart.")
+                    "(data.skip_steps) and restart."
+                )
             return
         self.nonfinite_run = 0
         if spike:
@@ -77,15 +80,20 @@ class Guards:
                     f"{self.cfg.max_spikes_in_a_row}); the loss level has moved away from the window "
                     f"(mean + {self.cfg.spike_sigmas}σ of the last {self.cfg.spike_window} losses). "
                     "Stopping rather than skipping every update; restart with a larger spike_sigmas, or "
-                    "roll back past the data (data.skip_steps).")
+                    "roll back past the data (data.skip_steps)."
+                )
         else:
             self.spike_run = 0
             self.window.append(loss)
 
     def state(self) -> dict:
-        return {"window": list(self.window), "nonfinite_run": self.nonfinite_run, "spike_run": self.spike_run,
-                "counts": dict(self.counts),
-                "rollback_skips": self.rollback_skips}
+        return {
+            "window": list(self.window),
+            "nonfinite_run": self.nonfinite_run,
+            "spike_run": self.spike_run,
+            "counts": dict(self.counts),
+            "rollback_skips": self.rollback_skips,
+        }
 
     def rolled_back(self, saved: dict, skip: list[int]) -> None:
         """Back to a checkpoint's window and run; counters keep counting; `skip` joins the skips."""
@@ -141,8 +149,9 @@ def _global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     for k, v in local.items():
         spec = sharding.logical_to_spec(("batch",) + (None,) * (v.ndim - 1))
         # The global shape makes JAX check that the processes' rows really tile the batch axes.
-        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v,
-                                                        (v.shape[0] * jax.process_count(), *v.shape[1:]))
+        out[k] = jax.make_array_from_process_local_data(
+            NamedSharding(mesh, spec), v, (v.shape[0] * jax.process_count(), *v.shape[1:])
+        )
     return out
 
 
@@ -151,8 +160,16 @@ def _loss_scales(cfg: ml_collections.ConfigDict) -> dict[int, float]:
 
 
 # Model fields that change how the function is computed or trained, not which function it is.
-_NOT_ARCHITECTURE = ("dtype", "param_dtype", "remat", "freeze_text_layers", "freeze_vision_layers", "freeze_lm_head",
-                     "freeze_text_module_exceptions", "freeze_vision_module_exceptions")
+_NOT_ARCHITECTURE = (
+    "dtype",
+    "param_dtype",
+    "remat",
+    "freeze_text_layers",
+    "freeze_vision_layers",
+    "freeze_lm_head",
+    "freeze_text_module_exceptions",
+    "freeze_vision_module_exceptions",
+)
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -187,11 +204,14 @@ def _check_resumable(directory: str, step: int, config: ml_collections.ConfigDic
     _, saved = fmt.read_config(directory, step)
     _check_same_model(directory, saved, lay.model_config, "resuming from")
     keys = ("seed", "global_batch_size", "seq_len", "max_num_images", "datasets")
-    diff = _differences({k: saved.get("data", {}).get(k) for k in keys},
-                        {k: config.data.to_dict().get(k) for k in keys}, "data.")
+    diff = _differences(
+        {k: saved.get("data", {}).get(k) for k in keys}, {k: config.data.to_dict().get(k) for k in keys}, "data."
+    )
     if diff:
-        raise ValueError(f"resuming from {directory} step {step}: the data order would change "
-                         f"({', '.join(diff)}); use a new --workdir, or restore these values")
+        raise ValueError(
+            f"resuming from {directory} step {step}: the data order would change "
+            f"({', '.join(diff)}); use a new --workdir, or restore these values"
+        )
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -205,8 +225,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     gbs = int(config.data.global_batch_size)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if gbs % tc.micro_batches or (gbs // tc.micro_batches) % shards:
-        raise ValueError(f"data.global_batch_size={gbs} must split into train.micro_batches={tc.micro_batches} "
-                         f"micro-batches each divisible by the data×fsdp devices ({shards})")
+        raise ValueError(
+            f"data.global_batch_size={gbs} must split into train.micro_batches={tc.micro_batches} "
+            f"micro-batches each divisible by the data×fsdp devices ({shards})"
+        )
 
     latest = ckpt.latest_step()
     meta: dict = {}
@@ -215,9 +237,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             _check_resumable(ckpt.directory, latest, config, lay)
             state, meta = ckpt.restore(latest, lay)
             lr = float(lay.lr(meta["updates"]))
-            writer.console(f"resumed from checkpoint step {latest} in {ckpt.directory} "
-                           f"(updates applied {meta['updates']}, learning rate {lr:.3e}, "
-                           f"data step {meta['data']['step']})")
+            writer.console(
+                f"resumed from checkpoint step {latest} in {ckpt.directory} "
+                f"(updates applied {meta['updates']}, learning rate {lr:.3e}, "
+                f"data step {meta['data']['step']})"
+            )
         elif tc.init_from:
             params, src_step = _init_from(tc.init_from, lay)
             state = state_lib.init(lay, config.seed, params)
@@ -227,8 +251,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             writer.console(f"initialised at random (seed {config.seed})")
 
     guards = Guards(tc.guards, meta.get("guards"))
-    pipe = data_lib.pipeline(_data_config(config.data, guards.rollback_skips), jax.process_index(),
-                             jax.process_count())
+    pipe = data_lib.pipeline(_data_config(config.data, guards.rollback_skips), jax.process_index(), jax.process_count())
     if meta:
         pipe.restore(meta["data"])
     names = pipe.dataset_names
@@ -245,8 +268,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
 
     def train_state_json(step: int, updates: int) -> dict:
-        return {"step": step, "updates": updates, "data": pipe.state(), "guards": guards.state(),
-                "seed": int(config.seed)}
+        return {
+            "step": step,
+            "updates": updates,
+            "data": pipe.state(),
+            "guards": guards.state(),
+            "seed": int(config.seed),
+        }
 
     step = saved = int(meta.get("step", 0))
     last: dict[str, Any] = {}
@@ -257,8 +285,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             t_data = time.perf_counter() - t0
             with jax.set_mesh(mesh), sharding.use_rules(lay.rules):
                 batch = _global_batch(local, mesh)
-                state, m = train_step(state, batch, jnp.float32(guards.threshold()),
-                                      jnp.float32(scales.get(pipe.data_step(step), 1.0)))
+                state, m = train_step(
+                    state, batch, jnp.float32(guards.threshold()), jnp.float32(scales.get(pipe.data_step(step), 1.0))
+                )
                 m = jax.device_get(m)
             step += 1
             dt = time.perf_counter() - t0
@@ -269,26 +298,39 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 if rolled is not None:
                     state, step, data_state = rolled
                     pipe.close()
-                    pipe = data_lib.pipeline(_data_config(config.data, guards.rollback_skips),
-                                             jax.process_index(), jax.process_count())
+                    pipe = data_lib.pipeline(
+                        _data_config(config.data, guards.rollback_skips), jax.process_index(), jax.process_count()
+                    )
                     pipe.restore(data_state)
                     continue
             images = int(local["image_attention_mask"].any(axis=1).sum()) * jax.process_count()
             real = int(local["attention_mask"].sum()) * jax.process_count()
             last = {
-                "loss": loss, "z_loss": float(m["z_loss"]), "grad_norm": float(m["grad_norm"]),
-                "lr": float(m["lr"]), "step_time": dt, "data_time": t_data,
-                "tokens_per_s": real / dt, "images_per_s": images / dt, "mfu": flops / dt / peak,
-                "applied": bool(m["applied"]), "guards": dict(guards.counts),
-                "loss_by_dataset": {n: float(m["ds_loss_sum"][i] / m["ds_tokens"][i])
-                                    for i, n in enumerate(names) if m["ds_tokens"][i] > 0},
+                "loss": loss,
+                "z_loss": float(m["z_loss"]),
+                "grad_norm": float(m["grad_norm"]),
+                "lr": float(m["lr"]),
+                "step_time": dt,
+                "data_time": t_data,
+                "tokens_per_s": real / dt,
+                "images_per_s": images / dt,
+                "mfu": flops / dt / peak,
+                "applied": bool(m["applied"]),
+                "guards": dict(guards.counts),
+                "loss_by_dataset": {
+                    n: float(m["ds_loss_sum"][i] / m["ds_tokens"][i])
+                    for i, n in enumerate(names)
+                    if m["ds_tokens"][i] > 0
+                },
             }
             if step % tc.log_every == 0 or step == tc.steps:
                 last["data"] = pipe.counters()
-                writer.console(f"step {step}/{tc.steps} | loss {loss:.4f} | lr {last['lr']:.2e} | "
-                               f"grad norm {last['grad_norm']:.3f} | {last['tokens_per_s']:.0f} tok/s | "
-                               f"{last['images_per_s']:.0f} img/s | mfu {100 * last['mfu']:.1f}% | "
-                               f"skipped {guards.counts['nonfinite_steps'] + guards.counts['spike_steps']}")
+                writer.console(
+                    f"step {step}/{tc.steps} | loss {loss:.4f} | lr {last['lr']:.2e} | "
+                    f"grad norm {last['grad_norm']:.3f} | {last['tokens_per_s']:.0f} tok/s | "
+                    f"{last['images_per_s']:.0f} img/s | mfu {100 * last['mfu']:.1f}% | "
+                    f"skipped {guards.counts['nonfinite_steps'] + guards.counts['spike_steps']}"
+                )
             writer.write(step, last)
             if eval_step is not None and step % tc.eval_every == 0:
                 ev = _evaluate(eval_step, eval_pipe, state, mesh, lay, int(tc.eval_steps))
@@ -308,8 +350,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         ckpt.close()
         pipe.close()
         writer.close()
-    return {"final_step": step, "last_loss": last.get("loss"), "checkpoints": ckpt.all_steps(),
-            "stopped_by_signal": stop["signal"] is not None}
+    return {
+        "final_step": step,
+        "last_loss": last.get("loss"),
+        "checkpoints": ckpt.all_steps(),
+        "stopped_by_signal": stop["signal"] is not None,
+    }
 
 
 def _evaluate(eval_step, pipe, state, mesh, lay, steps: int) -> dict[str, Any]:
@@ -320,8 +366,7 @@ def _evaluate(eval_step, pipe, state, mesh, lay, steps: int) -> dict[str, Any]:
         loss, tot = loss + float(m["loss_sum"]), tot + float(m["tokens"])
         ds_loss, ds_tok = ds_loss + m["ds_loss_sum"], ds_tok + m["ds_tokens"]
     out = {"loss": loss / max(tot, 1.0)}
-    out.update({f"loss/{n}": float(ds_loss[i] / ds_tok[i]) for i, n in enumerate(pipe.dataset_names)
-                if ds_tok[i] > 0})
+    out.update({f"loss/{n}": float(ds_loss[i] / ds_tok[i]) for i, n in enumerate(pipe.dataset_names) if ds_tok[i] > 0})
     return out
 
 
@@ -339,15 +384,19 @@ def _rollback(ckpt: Checkpointer, lay, guards: Guards, pipe, tc, step: int, writ
         writer.console(f"loss spike at step {step}: no checkpoint to roll back to yet; the update was skipped")
         return None
     if guards.counts["rollbacks"] >= tc.guards.max_rollbacks:
-        raise TrainingStopped(f"loss spike at step {step} after {guards.counts['rollbacks']} rollbacks "
-                              f"(train.guards.max_rollbacks={tc.guards.max_rollbacks}); stopping")
+        raise TrainingStopped(
+            f"loss spike at step {step} after {guards.counts['rollbacks']} rollbacks "
+            f"(train.guards.max_rollbacks={tc.guards.max_rollbacks}); stopping"
+        )
     spiking_data_step = pipe.data_step(step - 1)
     with jax.set_mesh(lay.mesh), sharding.use_rules(lay.rules):
         state, meta = ckpt.restore(target, lay)
     start = pipe.data_step(int(meta["data"]["step"]))
     skip = [start, max(start + int(tc.guards.rollback_skip_steps), spiking_data_step + 1)]
     guards.rolled_back(meta["guards"], skip)
-    writer.console(f"loss spike at step {step} (above mean + {tc.guards.spike_sigmas}σ of the last "
-                   f"{tc.guards.spike_window} losses): rolled back to checkpoint step {target}; skipping "
-                   f"data steps [{skip[0]}, {skip[1]})")
+    writer.console(
+        f"loss spike at step {step} (above mean + {tc.guards.spike_sigmas}σ of the last "
+        f"{tc.guards.spike_window} losses): rolled back to checkpoint step {target}; skipping "
+        f"data steps [{skip[0]}, {skip[1]})"
+    )
     return state, int(meta["step"]), meta["data"]

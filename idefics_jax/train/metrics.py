@@ -7,7 +7,8 @@ import json
 import math
 import os
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 
@@ -25,7 +26,7 @@ class Writer:
 
         os.makedirs(workdir, exist_ok=True)
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)  # noqa: SIM115 (closed by close())
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         """One record: {"step": step, **scalars} (numbers; nested dicts are flattened with '/')."""
@@ -73,15 +74,22 @@ def model_flops_per_step(cfg: IdeficsConfig, batch: int, seq_len: int, num_image
     img_tokens = v.num_patches + 1
     s = cfg.image_seq_len * num_images  # image tokens the cross-attention reads per row
 
-    vit = img_tokens * v.num_hidden_layers * (2 * (4 * v.embed_dim**2 + 2 * v.embed_dim * v.intermediate_size)
-                                              + 4 * img_tokens * v.embed_dim)
+    vit = (
+        img_tokens
+        * v.num_hidden_layers
+        * (2 * (4 * v.embed_dim**2 + 2 * v.embed_dim * v.intermediate_size) + 4 * img_tokens * v.embed_dim)
+    )
     vit += 2 * v.num_patches * v.num_channels * v.patch_size**2 * v.embed_dim
     perceiver = 0
     if cfg.use_resampler:
         inner, lat = p.resampler_n_heads * p.resampler_head_dim, p.resampler_n_latents
         kv = img_tokens + lat
-        perceiver = p.resampler_depth * (2 * lat * v.embed_dim * inner * 2 + 2 * kv * v.embed_dim * inner * 2
-                                         + 4 * lat * kv * inner + 2 * lat * 2 * v.embed_dim * 4 * v.embed_dim)
+        perceiver = p.resampler_depth * (
+            2 * lat * v.embed_dim * inner * 2
+            + 2 * kv * v.embed_dim * inner * 2
+            + 4 * lat * kv * inner
+            + 2 * lat * 2 * v.embed_dim * 4 * v.embed_dim
+        )
     llama_layer = t * (2 * (4 * d * d + 3 * d * f) + 4 * t * d)
     xattn_layer = t * (2 * (2 * d * d + 3 * d * f) + 4 * s * d) + 2 * 2 * s * v.embed_dim * d
     head = 2 * t * d * cfg.total_vocab_size

@@ -47,8 +47,7 @@ def optimizer(opt: ml_collections.ConfigDict, lr: optax.Schedule, decay_mask: An
     """Global-norm clipping then AdamW on schedule `lr` with `decay_mask` (a pytree of bools like the params)."""
     return optax.chain(
         optax.clip_by_global_norm(opt.clip_norm),
-        optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                    mask=decay_mask),
+        optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=decay_mask),
     )
 
 
@@ -79,8 +78,11 @@ def layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Layout
     rules = sharding.rules_from_config(config.get("sharding_rules"))
     # Frozen weights may be laid out differently: e.g. kept whole across FSDP shards (split over
     # 'tensor' only) so that no step re-gathers them.
-    frozen_rules = (sharding.rules_from_config(config.train.frozen_sharding_rules)
-                    if config.train.get("frozen_sharding_rules") else rules)
+    frozen_rules = (
+        sharding.rules_from_config(config.train.frozen_sharding_rules)
+        if config.train.get("frozen_sharding_rules")
+        else rules
+    )
     abstract_model = nnx.eval_shape(lambda: Idefics(model_config, rngs=nnx.Rngs(0)))
     mask = {p: bool(v.get_value()) for p, v in nnx.to_flat_state(trainable_mask(abstract_model))}
     owners = {tuple(p): n for p, n in nnx.iter_graph(abstract_model) if isinstance(n, nnx.Module)}
@@ -90,8 +92,9 @@ def layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Layout
     if not jax.tree.leaves(params):
         raise ValueError("model config freezes every parameter: nothing to train")
     decay = jax.tree.map(lambda _: True, params)
-    decay = nnx.from_flat_state([(p, v.replace(_decays(owners[tuple(p[:-1])], str(p[-1]))))
-                                 for p, v in nnx.to_flat_state(decay)])
+    decay = nnx.from_flat_state(
+        [(p, v.replace(_decays(owners[tuple(p[:-1])], str(p[-1])))) for p, v in nnx.to_flat_state(decay)]
+    )
     lr = schedule(config.train.optimizer)
     tx = optimizer(config.train.optimizer, lr, decay)
     opt_abstract = jax.eval_shape(tx.init, params)
@@ -121,14 +124,16 @@ def _like_params(tree: Any, params: Any, params_shardings: Any, other: NamedShar
         except Exception:
             return False
 
-    return jax.tree.map(lambda x: jax.tree.unflatten(target, leaves_sh) if is_params_like(x) else other,
-                        tree, is_leaf=is_params_like)
+    return jax.tree.map(
+        lambda x: jax.tree.unflatten(target, leaves_sh) if is_params_like(x) else other, tree, is_leaf=is_params_like
+    )
 
 
 def init(lay: Layout, seed: int, params: nnx.State | None = None) -> dict[str, Any]:
     """A fresh train state on the mesh: random init (or the given full params, e.g. restored from a
     converted checkpoint), zero optimizer moments, step 0."""
     if params is None:
+
         def make():
             model = Idefics(lay.model_config, rngs=nnx.Rngs(seed))
             return nnx.state(model, nnx.Param)
@@ -138,8 +143,13 @@ def init(lay: Layout, seed: int, params: nnx.State | None = None) -> dict[str, A
 
     def start(trainable, frozen):
         frozen = jax.tree.map(lambda x, a: x.astype(a.dtype), frozen, lay.abstract["frozen"])
-        return {"params": trainable, "frozen": frozen, "opt_state": lay.tx.init(trainable),
-                "step": jnp.zeros((), jnp.int32), "updates": jnp.zeros((), jnp.int32)}
+        return {
+            "params": trainable,
+            "frozen": frozen,
+            "opt_state": lay.tx.init(trainable),
+            "step": jnp.zeros((), jnp.int32),
+            "updates": jnp.zeros((), jnp.int32),
+        }
 
     return jax.jit(start, out_shardings=lay.shardings, donate_argnums=(0, 1))(trainable, frozen)
 

@@ -13,7 +13,7 @@ counter are left bit-identical — and is reported in the metrics.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -71,8 +71,13 @@ def make_train_step(lay: Layout, z_loss: float, micro_batches: int, num_datasets
             g_acc, ce_acc, z_acc, ds_loss, ds_tok = carry
             (_, (ce, z, w, ds)), g = grad_fn(params, mb)
             onehot = jax.nn.one_hot(ds, num_datasets, dtype=jnp.float32)
-            return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce.sum(), z_acc + z.sum(),
-                    ds_loss + onehot.T @ ce, ds_tok + onehot.T @ w), None
+            return (
+                jax.tree.map(jnp.add, g_acc, g),
+                ce_acc + ce.sum(),
+                z_acc + z.sum(),
+                ds_loss + onehot.T @ ce,
+                ds_tok + onehot.T @ w,
+            ), None
 
         zero = jax.tree.map(jnp.zeros_like, params)
         init = (zero, jnp.float32(0), jnp.float32(0), jnp.zeros(num_datasets), jnp.zeros(num_datasets))
@@ -93,15 +98,23 @@ def make_train_step(lay: Layout, z_loss: float, micro_batches: int, num_datasets
             "updates": state["updates"] + applied.astype(jnp.int32),
         }
         metrics = {
-            "loss": loss, "z_loss": z_sum / total, "grad_norm": grad_norm, "lr": lr(state["updates"]),
-            "applied": applied, "nonfinite": nonfinite, "spike": spike, "tokens": total,
-            "ds_loss_sum": ds_loss, "ds_tokens": ds_tok,
+            "loss": loss,
+            "z_loss": z_sum / total,
+            "grad_norm": grad_norm,
+            "lr": lr(state["updates"]),
+            "applied": applied,
+            "nonfinite": nonfinite,
+            "spike": spike,
+            "tokens": total,
+            "ds_loss_sum": ds_loss,
+            "ds_tokens": ds_tok,
         }
         return new_state, metrics
 
     # The batch's sharding is the one the loop placed it with (over 'batch').
-    return jax.jit(step, in_shardings=(lay.shardings, None, None, None),
-                   out_shardings=(lay.shardings, None), donate_argnums=(0,))
+    return jax.jit(
+        step, in_shardings=(lay.shardings, None, None, None), out_shardings=(lay.shardings, None), donate_argnums=(0,)
+    )
 
 
 def make_eval_step(lay: Layout, num_datasets: int) -> Callable:

@@ -27,13 +27,23 @@ def command(argv: list[str], env: dict[str, str]) -> list[str]:
     config = "configs/80b.py"
     if "--config" in argv:  # a hyperparameter {"config": ...} arrives as "--config X"
         i = argv.index("--config")
-        config, argv = argv[i + 1], argv[:i] + argv[i + 2:]
-    train = [sys.executable, "-m", "idefics_jax.train", "--config", config, "--workdir", "/opt/ml/checkpoints",
-             f"--config.train.init_from={init}", f"--config.data.tokenizer_path={data}/tokenizer",
-             f"--config.data.datasets.obelics.paths={data}/obelics/*.parquet",
-             f"--config.data.datasets.laion.paths={data}/laion/*.tar",
-             f"--config.data.datasets.wikipedia.paths={data}/wikipedia/*.parquet",
-             f"--config.data.datasets.pmd.paths={data}/pmd/*.tar", *argv]
+        config, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
+    train = [
+        sys.executable,
+        "-m",
+        "idefics_jax.train",
+        "--config",
+        config,
+        "--workdir",
+        "/opt/ml/checkpoints",
+        f"--config.train.init_from={init}",
+        f"--config.data.tokenizer_path={data}/tokenizer",
+        f"--config.data.datasets.obelics.paths={data}/obelics/*.parquet",
+        f"--config.data.datasets.laion.paths={data}/laion/*.tar",
+        f"--config.data.datasets.wikipedia.paths={data}/wikipedia/*.parquet",
+        f"--config.data.datasets.pmd.paths={data}/pmd/*.tar",
+        *argv,
+    ]
     return ["bash", "-c", 'source launch/slurm/env.sh && exec "$@"', "entry", *train]
 
 

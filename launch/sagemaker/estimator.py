@@ -20,8 +20,14 @@ import os
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def estimator(image: str, role: str, checkpoints: str, instances: int = 64, config: str = "configs/80b.py",
-              overrides: dict | None = None):
+def estimator(
+    image: str,
+    role: str,
+    checkpoints: str,
+    instances: int = 64,
+    config: str = "configs/80b.py",
+    overrides: dict | None = None,
+):
     """A `sagemaker.pytorch.PyTorch` estimator (used only as a launcher for our image and entry point)."""
     from sagemaker.pytorch import PyTorch
 
@@ -33,10 +39,10 @@ def estimator(image: str, role: str, checkpoints: str, instances: int = 64, conf
         instance_type="ml.p4d.24xlarge",
         instance_count=instances,
         hyperparameters={"config": config, **(overrides or {})},
-        checkpoint_s3_uri=checkpoints,           # synced with /opt/ml/checkpoints: resume on restart
+        checkpoint_s3_uri=checkpoints,  # synced with /opt/ml/checkpoints: resume on restart
         checkpoint_local_path="/opt/ml/checkpoints",
         max_run=5 * 24 * 3600,
-        volume_size=500,                         # GB of local disk per node
+        volume_size=500,  # GB of local disk per node
         environment={"NCCL_DEBUG": "WARN"},
         disable_profiler=True,
         debugger_hook_config=False,
@@ -55,6 +61,8 @@ if __name__ == "__main__":
     from sagemaker.inputs import TrainingInput
 
     est = estimator(a.image, a.role, a.checkpoints, a.instances)
-    est.fit({"data": TrainingInput(a.data, input_mode="FastFile"),
-             "init": TrainingInput(a.init, input_mode="FastFile")}, wait=False)
+    est.fit(
+        {"data": TrainingInput(a.data, input_mode="FastFile"), "init": TrainingInput(a.init, input_mode="FastFile")},
+        wait=False,
+    )
     print(f"submitted {est.latest_training_job.name}")

@@ -1,4 +1,4 @@
-"""Training checkpoints: Orbax CheckpointManager over `WORKDIR/checkpoints` (format: idefics_jax.checkpoint).
+"""Training checkpoints: Orbax CheckpointManager over `WORKDIR/checkpoints` (format: idefics_jax.ckpt_format).
 
 - Saved every `train.checkpoint_every` steps, asynchronously (the arrays are copied off the devices
   before `save` returns; the files are written in the background), atomically (Orbax writes into a
@@ -24,7 +24,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from idefics_jax import checkpoint as fmt
+from idefics_jax import ckpt_format as fmt
 from idefics_jax.train.state import Layout, full_params, split_params
 
 ITEMS = (fmt.PARAMS, fmt.OPT_STATE, fmt.TRAIN_STATE, fmt.CONFIG)
@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 def _complete(step_dir: str) -> bool:
     """Orbax writes its step metadata and commit marker last; every item must be there too."""
-    return (all(os.path.exists(os.path.join(step_dir, m)) for m in _COMPLETE_MARKERS)
-            and all(os.path.isdir(os.path.join(step_dir, item)) for item in ITEMS))
+    return all(os.path.exists(os.path.join(step_dir, m)) for m in _COMPLETE_MARKERS) and all(
+        os.path.isdir(os.path.join(step_dir, item)) for item in ITEMS
+    )
 
 
 def set_aside_torn(directory: str) -> list[int]:
@@ -63,8 +64,7 @@ class Checkpointer:
 
             multihost_utils.sync_global_devices("idefics_jax: torn checkpoints set aside")
         for step in torn:
-            log.warning("checkpoint step %d in %s is incomplete (torn save): set aside, not used", step,
-                        self.directory)
+            log.warning("checkpoint step %d in %s is incomplete (torn save): set aside, not used", step, self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=int(train_cfg.keep_checkpoints),
             keep_period=int(train_cfg.keep_period) or None,
@@ -80,15 +80,22 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: dict[str, Any], train_state: dict[str, Any],
-             config: ml_collections.ConfigDict) -> None:
+    def save(
+        self, step: int, state: dict[str, Any], train_state: dict[str, Any], config: ml_collections.ConfigDict
+    ) -> None:
         """Starts saving `state` as `step` (returns once the arrays are off the devices)."""
-        self.manager.save(step, args=ocp.args.Composite(**{
-            fmt.PARAMS: ocp.args.StandardSave(nnx.to_pure_dict(full_params(state))),
-            fmt.OPT_STATE: ocp.args.StandardSave(jax.tree.leaves(state["opt_state"])),
-            fmt.TRAIN_STATE: ocp.args.JsonSave(train_state),
-            fmt.CONFIG: ocp.args.JsonSave(config.to_dict()),
-        }), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    fmt.PARAMS: ocp.args.StandardSave(nnx.to_pure_dict(full_params(state))),
+                    fmt.OPT_STATE: ocp.args.StandardSave(jax.tree.leaves(state["opt_state"])),
+                    fmt.TRAIN_STATE: ocp.args.JsonSave(train_state),
+                    fmt.CONFIG: ocp.args.JsonSave(config.to_dict()),
+                }
+            ),
+            force=True,
+        )
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -97,17 +104,29 @@ class Checkpointer:
         """(train state placed with `lay`'s shardings — any mesh —, train_state JSON) of `step`."""
         params = fmt.restore_params(self.directory, lay.abstract_params(), step, lay.params_shardings())
         trainable, frozen = split_params(lay, params)
-        opt_target = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) for a, s in
-                      zip(jax.tree.leaves(lay.abstract["opt_state"]), jax.tree.leaves(lay.shardings["opt_state"]))]
-        got = self.manager.restore(step, args=ocp.args.Composite(**{
-            fmt.OPT_STATE: ocp.args.StandardRestore(opt_target),
-            fmt.TRAIN_STATE: ocp.args.JsonRestore(),
-        }))
+        opt_target = [
+            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+            for a, s in zip(jax.tree.leaves(lay.abstract["opt_state"]), jax.tree.leaves(lay.shardings["opt_state"]))
+        ]
+        got = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    fmt.OPT_STATE: ocp.args.StandardRestore(opt_target),
+                    fmt.TRAIN_STATE: ocp.args.JsonRestore(),
+                }
+            ),
+        )
         opt_state = jax.tree.unflatten(jax.tree.structure(lay.abstract["opt_state"]), list(got[fmt.OPT_STATE]))
         meta = got[fmt.TRAIN_STATE]
         scalar = lambda v: jax.device_put(jax.numpy.int32(v), lay.shardings["step"])
-        state = {"params": trainable, "frozen": frozen, "opt_state": opt_state,
-                 "step": scalar(meta["step"]), "updates": scalar(meta["updates"])}
+        state = {
+            "params": trainable,
+            "frozen": frozen,
+            "opt_state": opt_state,
+            "step": scalar(meta["step"]),
+            "updates": scalar(meta["updates"]),
+        }
         return state, meta
 
     def close(self) -> None:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -35,11 +36,17 @@ from idefics_jax.config import IdeficsConfig
 PARAMS, CONFIG, OPT_STATE, TRAIN_STATE = "params", "config", "opt_state", "train_state"
 
 
-def manager(directory: str | os.PathLike, options: ocp.CheckpointManagerOptions | None = None,
-            items: tuple[str, ...] = (PARAMS, CONFIG)) -> ocp.CheckpointManager:
+def manager(
+    directory: str | os.PathLike,
+    options: ocp.CheckpointManagerOptions | None = None,
+    items: tuple[str, ...] = (PARAMS, CONFIG),
+) -> ocp.CheckpointManager:
     """A CheckpointManager over `directory` handling the named items."""
-    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), item_names=items,
-                                 options=options or ocp.CheckpointManagerOptions(create=True))
+    return ocp.CheckpointManager(
+        os.path.abspath(os.fspath(directory)),
+        item_names=items,
+        options=options or ocp.CheckpointManagerOptions(create=True),
+    )
 
 
 def read_config(directory: str | os.PathLike, step: int | None = None) -> tuple[int, dict[str, Any]]:
@@ -66,8 +73,9 @@ def _step(mngr: ocp.CheckpointManager, directory, step: int | None) -> int:
     return step
 
 
-def restore_params(directory: str | os.PathLike, abstract_params: nnx.State, step: int,
-                   shardings: Any = None) -> nnx.State:
+def restore_params(
+    directory: str | os.PathLike, abstract_params: nnx.State, step: int, shardings: Any = None
+) -> nnx.State:
     """The `params` item of `step` restored into the structure of `abstract_params` (nnx Params).
 
     `shardings` (same structure, NamedSharding leaves) places each array as Orbax reads it, so a
@@ -75,8 +83,9 @@ def restore_params(directory: str | os.PathLike, abstract_params: nnx.State, ste
     """
     pure = nnx.to_pure_dict(abstract_params)
     sh = nnx.to_pure_dict(shardings) if shardings is not None else None
-    target = jax.tree.map(lambda a, s=None: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure,
-                          *(() if sh is None else (sh,)))
+    target = jax.tree.map(
+        lambda a, s=None: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure, *(() if sh is None else (sh,))
+    )
     mngr = manager(directory, ocp.CheckpointManagerOptions(read_only=True, create=False))
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))[PARAMS]
@@ -87,8 +96,9 @@ def restore_params(directory: str | os.PathLike, abstract_params: nnx.State, ste
     return params
 
 
-def load(directory: str | os.PathLike, step: int | None = None, *, mesh: Any = None, rules: Any = None,
-         **config_overrides):
+def load(
+    directory: str | os.PathLike, step: int | None = None, *, mesh: Any = None, rules: Any = None, **config_overrides
+):
     """The model stored in one of our checkpoints (default: its latest step).
 
     `config_overrides` set our own config fields (dtype, remat, ...); with `mesh`, parameters are
@@ -222,9 +232,11 @@ class ParamsWriter:
 def params_metadata(directory: str | os.PathLike, step: int) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
     """{our state path: (shape, numpy dtype)} of the `params` item of `step`, read from metadata only."""
     # Naming the handler lets Orbax read the metadata whatever wrote the item.
-    mngr = ocp.CheckpointManager(os.path.abspath(os.fspath(directory)),
-                                 options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-                                 item_handlers={PARAMS: ocp.StandardCheckpointHandler()})
+    mngr = ocp.CheckpointManager(
+        os.path.abspath(os.fspath(directory)),
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_handlers={PARAMS: ocp.StandardCheckpointHandler()},
+    )
     tree = mngr.item_metadata(step)[PARAMS]
     mngr.close()
     if tree is None:
@@ -246,8 +258,12 @@ def iter_params(directory: str | os.PathLike, step: int, paths: Iterable[Path]) 
         shape, dtype = meta[path]
         item = _nest({path: jax.ShapeDtypeStruct(shape, dtype)})
         restore_args = _nest({path: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)})
-        out = mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True)}))[PARAMS]
+        out = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                **{PARAMS: ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)}
+            ),
+        )[PARAMS]
         for k in path:
             out = out[k]
         # Hold no reference across the yield, so the caller's `del` frees the leaf before the next read.
