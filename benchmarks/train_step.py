@@ -23,8 +23,10 @@ import torch
 from transformers import IdeficsConfig as HFConfig
 from transformers import IdeficsForVisionText2Text
 
-from idefics_jax import hf, sharding
+from configs import common
+from idefics_jax import hf, run_config, sharding
 from idefics_jax.config import IdeficsConfig, PerceiverConfig, VisionConfig
+from idefics_jax.data.schema import check_batch
 from idefics_jax.train import state as state_lib
 from idefics_jax.train.metrics import model_flops_per_step
 from idefics_jax.train.step import make_train_step
@@ -70,6 +72,8 @@ def model_config(hidden: int = 256, layers: int = 8) -> IdeficsConfig:
 
 
 def batch(cfg: IdeficsConfig, b: int, t: int, n: int) -> dict[str, np.ndarray]:
+    """A synthetic batch in the schema's layout (data/schema.py): random tokens, every token a target,
+    image i seen from position i·t/n on."""
     rng = np.random.default_rng(0)
     iam = np.zeros((b, t, n), np.int32)
     for i in range(n):  # image i is seen from position i*t/n on, until the next one
@@ -88,25 +92,16 @@ def batch(cfg: IdeficsConfig, b: int, t: int, n: int) -> dict[str, np.ndarray]:
 
 def time_ours(cfg: IdeficsConfig, data: dict, steps: int) -> tuple[float, float, dict]:
     """(seconds per step, first loss, params as HF tensors) of our jitted train step."""
-    c = ml_collections.ConfigDict()
-    c.model = cfg.to_dict()
-    c.train = ml_collections.ConfigDict(
-        dict(
-            optimizer=dict(
-                lr=1e-4,
-                end_lr=1e-4,
-                warmup_steps=0,
-                decay_steps=1,
-                b1=0.9,
-                b2=0.999,
-                eps=1e-8,
-                weight_decay=0.1,
-                clip_norm=1.0,
-            )
-        )
-    )
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
-    lay = state_lib.layout(c, mesh)
+    b, t = data["input_ids"].shape
+    c = common.base(cfg)
+    c.mesh.fsdp = 1
+    c.data.update(global_batch_size=b, seq_len=t, max_num_images=data["pixel_values"].shape[1])
+    c.data.update(image_size=cfg.vision.image_size, tokenizer_path="(synthetic batch)")
+    c.data.datasets = ml_collections.ConfigDict({"synthetic": dict(kind="documents", paths="(none)", weight=1.0)})
+    c.train.z_loss = 0.0
+    c.train.optimizer.update(lr=1e-4, end_lr=1e-4, warmup_steps=0, decay_steps=1, weight_decay=0.1, clip_norm=1.0)
+    check_batch(data, c.data, b)
+    lay = state_lib.layout(run_config.parse(c, files=False), sharding.make_mesh(c.mesh))
     state = state_lib.init(lay, 0)
     weights = {
         name: t

@@ -6,11 +6,7 @@ laid out for 64 nodes x 8 A100-80GB.
 Layout: fsdp=64 (FSDP across nodes) x tensor=8 (Megatron tensor parallelism over NVLink).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common
+from configs import common
 
 
 def get_config():

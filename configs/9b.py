@@ -7,11 +7,7 @@ Layout: pure FSDP over all GPUs (fsdp=-1), the frozen LLaMA-7B and ViT kept whol
 in NVLink all-reduces than it saves (see README, "The plan").
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common
+from configs import common
 
 
 def get_config():

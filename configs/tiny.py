@@ -8,12 +8,7 @@ trains 300 steps in about a minute on 2 CPU cores (workdir ./workdir/tiny unless
 held-out evaluation every 100 steps and a checkpoint every 100 steps.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common
-
+from configs import common
 from idefics_jax.config import IdeficsConfig, PerceiverConfig, VisionConfig
 from idefics_jax.data import tiny
 

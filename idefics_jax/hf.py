@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from idefics_jax.config import IdeficsConfig
+from idefics_jax.errors import UserError
 
 Path = tuple[str, ...]
 
@@ -173,7 +174,7 @@ def hf_names(config: IdeficsConfig) -> dict[str, tuple[int, ...]]:
 # Reading HF checkpoints --------------------------------------------------------------------------
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file or tensor is missing, corrupt, or not what the config says."""
 
 

@@ -41,9 +41,12 @@ from typing import Any
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=False)
+from idefics_jax import run_config
+from idefics_jax.errors import UserError, cli_main, quiet_start
+
+_CONFIG = run_config.define_flag()
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of input errors too.")
 _DEVICES = flags.DEFINE_integer(
     "devices",
     512,
@@ -430,36 +433,6 @@ def _add(merged, kind, axes, k, payload, wire, node_bytes, intra):
 # The plan ------------------------------------------------------------------------------------------
 
 
-def abstract_batch(config, mesh) -> dict[str, Any]:
-    """ShapeDtypeStructs of one global batch as the data pipeline yields it, sharded over 'batch'
-    like the trainer's `_global_batch`: int32 ids/masks/positions/segments [B, T], float32
-    pixel_values [B, N, 3, S, S], int32 image_attention_mask [B, T, N], float32 loss_mask [B, T],
-    int32 dataset_id [B]."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-
-    from idefics_jax import sharding
-
-    d = config.data
-    b, t, n, s = int(d.global_batch_size), int(d.seq_len), int(d.max_num_images), int(d.image_size)
-    shapes = {
-        "input_ids": ((b, t), jnp.int32),
-        "attention_mask": ((b, t), jnp.int32),
-        "position_ids": ((b, t), jnp.int32),
-        "segment_ids": ((b, t), jnp.int32),
-        "pixel_values": ((b, n, 3, s, s), jnp.float32),
-        "image_attention_mask": ((b, t, n), jnp.int32),
-        "loss_mask": ((b, t), jnp.float32),
-        "dataset_id": ((b,), jnp.int32),
-    }
-    out = {}
-    for k, (shape, dtype) in shapes.items():
-        spec = sharding.logical_to_spec(("batch",) + (None,) * (len(shape) - 1))
-        out[k] = jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
-    return out
-
-
 def shard_bytes(tree: Any, shardings: Any) -> int:
     """Bytes one device holds of `tree` (ShapeDtypeStructs / nnx Variables) under `shardings`."""
     import jax
@@ -476,29 +449,24 @@ def plan(config, gpus_per_node: int = 8) -> dict[str, Any]:
     bf16-faithful collectives, the XLA dump of the partitioned program (`main` does both)."""
     import jax
 
-    from idefics_jax import sharding
+    from idefics_jax import run_config, sharding
+    from idefics_jax.data.schema import batch_spec
     from idefics_jax.models.idefics import count_params
     from idefics_jax.train import state as state_lib
     from idefics_jax.train.metrics import model_flops_per_step
     from idefics_jax.train.step import make_train_step
 
-    tc, d = config.train, config.data
+    run = run_config.parse(config, files=False)
+    tc, d = run.train, run.data
     mesh = sharding.make_mesh(config.mesh)
-    lay = state_lib.layout(config, mesh)
-    gbs, micro = int(d.global_batch_size), int(tc.micro_batches)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if gbs % micro or (gbs // micro) % shards:
-        raise ValueError(
-            f"data.global_batch_size={gbs} must split into train.micro_batches={micro} "
-            f"micro-batches each divisible by the data×fsdp devices ({shards})"
-        )
+    lay = state_lib.layout(run, mesh)
+    gbs, micro = d.global_batch_size, tc.micro_batches
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), lay.abstract, lay.shardings)
-    batch = abstract_batch(config, mesh)
-    num_datasets = len(d.datasets) if d.get("datasets") is not None else 1
-    step = make_train_step(lay, float(tc.z_loss), micro, num_datasets)
+    batch = batch_spec(d, mesh)
+    step = make_train_step(lay, tc.z_loss, micro, len(d.datasets))
     scalar = jax.ShapeDtypeStruct((), np.float32)
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh), sharding.use_rules(lay.rules):
+    with lay.activate():
         lowered = step.lower(state, batch, scalar, scalar)
         compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
@@ -528,9 +496,9 @@ def plan(config, gpus_per_node: int = 8) -> dict[str, Any]:
         "params_total": params + frozen,
         "params_trainable": params,
         "global_batch": gbs,
-        "seq_len": int(d.seq_len),
+        "seq_len": d.seq_len,
         "micro_batches": micro,
-        "rows_per_device_per_micro_batch": gbs // micro / shards,
+        "rows_per_device_per_micro_batch": lay.micro_batch_rows_per_device,
         "bytes": {
             "trainable_params": state_bytes["params"],
             "frozen_params": state_bytes["frozen"],
@@ -543,7 +511,7 @@ def plan(config, gpus_per_node: int = 8) -> dict[str, Any]:
         },
         "collectives": [dataclasses.asdict(c) for c in colls],
         "hw_flops_per_device": hw_flops,
-        "model_flops": model_flops_per_step(lay.model_config, gbs, int(d.seq_len), int(d.max_num_images)),
+        "model_flops": model_flops_per_step(lay.model_config, gbs, d.seq_len, d.max_num_images),
     }
 
 
@@ -655,10 +623,16 @@ def _mesh_size(mesh_cfg, devices: int) -> int:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    cli_main("plan", _plan, _DEBUG.value)
+
+
+def _plan() -> None:
+    quiet_start()
     config = _CONFIG.value
     if config is None:
-        sys.exit("--config is required, e.g. --config configs/80b.py")
+        raise UserError("--config is required, e.g. --config configs/80b.py")
     n = _mesh_size(config.mesh, _DEVICES.value)
     if os.environ.get(_CHILD_ENV) != str(n):
         # Fake devices and the dump must be in place before JAX creates its CPU backend: re-execute.
@@ -679,8 +653,6 @@ def main(argv):
     jax.config.update("jax_enable_compilation_cache", False)  # a cache hit would skip the dump
     try:
         fig = plan(config, _PER_NODE.value)
-    except ValueError as e:  # a layout that cannot hold this config: say why, no traceback
-        sys.exit(f"plan: {e}")
     finally:
         shutil.rmtree(os.environ.get(_DUMP_ENV, ""), ignore_errors=True)
     fig = estimate(

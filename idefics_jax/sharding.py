@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from idefics_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = tuple[tuple[str, Any], ...]
@@ -85,17 +87,20 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
     sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
     unknown = [a for a, s in sizes.items() if s == -1]
     if len(unknown) > 1:
-        raise ValueError(f"mesh: only one axis may be -1, got {unknown}")
+        raise UserError(f"mesh: only one axis may be -1, got {unknown}")
     for a, s in sizes.items():
         if s == 0 or s < -1:
-            raise ValueError(f"mesh.{a}={s}; expected a positive size or -1")
+            raise UserError(f"mesh.{a}={s}; expected a positive size or -1")
     known = math.prod(s for s in sizes.values() if s != -1)
     if unknown:
         if n % known:
-            raise ValueError(f"mesh: {n} devices do not factor as {sizes} (the fixed axes multiply to {known})")
+            raise UserError(f"mesh: {n} devices do not factor as {sizes} (the fixed axes multiply to {known})")
         sizes[unknown[0]] = n // known
     if math.prod(sizes.values()) != n:
-        raise ValueError(f"mesh {sizes} has {math.prod(sizes.values())} slots but there are {n} devices")
+        raise UserError(
+            f"mesh {sizes} needs {math.prod(sizes.values())} devices, {n} found; to check this layout without "
+            "them, use python -m idefics_jax.plan --config <this config>"
+        )
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:
         return jax.make_mesh(

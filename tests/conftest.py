@@ -1,10 +1,10 @@
 """Test-wide setup: single CPU device, float32 matmuls at full precision, configs loadable by path."""
 
-import importlib.util
 import os
 
 import jax
 import pytest
+from testlib import ROOT, load_config  # noqa: F401  (re-exported: tests import them from conftest)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -19,15 +19,9 @@ jax.config.update("jax_compilation_cache_dir", CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name: str):
-    """`configs/<name>.py`'s get_config()."""
-    spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+# tests/multidevice needs its own process (the fake device count is fixed at backend start):
+# tests/test_multidevice.py runs it; `IDEFICS_TEST_DEVICES=8 python -m pytest tests/multidevice` alone.
+collect_ignore = [] if os.environ.get("IDEFICS_TEST_DEVICES") else ["multidevice"]
 
 
 @pytest.fixture

@@ -24,8 +24,9 @@ from data_conftest_helpers import (  # noqa: F401  (tiny_dir is a fixture)
 from PIL import Image
 
 from idefics_jax.data import BATCH_KEYS, Pipeline, default_config, pipeline
-from idefics_jax.data.pipeline import Mixture, validate
+from idefics_jax.data.pipeline import Mixture
 from idefics_jax.data.processor import image_array
+from idefics_jax.run_config import check_data
 
 STEPS = 10
 
@@ -116,7 +117,7 @@ def test_skip_steps(tiny_dir):
     assert rows_equal(p.batch(2), ref.batch(5)) and rows_equal(p.batch(1), ref.batch(1))
     cfg.skip_steps = [[4, 2]]
     with pytest.raises(ValueError, match="data.skip_steps"):
-        validate(cfg)
+        check_data(cfg)
 
 
 def test_mixture_proportions_over_2000_rows():
@@ -145,10 +146,10 @@ def test_config_errors_name_the_field(tiny_dir):
     cfg = small_config(tiny_dir)
     cfg.datasets.docs_tar.weight = 0
     with pytest.raises(ValueError, match="data.datasets.docs_tar.weight"):
-        validate(cfg)
+        check_data(cfg)
     cfg = small_config(tiny_dir, seq_len=2)
     with pytest.raises(ValueError, match="data.seq_len"):
-        validate(cfg)
+        check_data(cfg)
     with pytest.raises(ValueError, match="not divisible by process_count=3"):
         Pipeline(small_config(tiny_dir), 0, 3)
     assert default_config().seq_len == 1024 and default_config().max_num_images == 5

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -14,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, load_config
 from flax import nnx
+from testlib import ROOT, load_config, losses, records
 
 from idefics_jax import sharding
 from idefics_jax.train import state as state_lib
@@ -35,20 +34,6 @@ def tiny(**train_overrides):
             node = node[p]
         node[leaf] = value
     return c
-
-
-def _records(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def losses(workdir) -> dict[int, float]:
-    """step → loss, the last record of each step (a resumed run re-logs the steps after its checkpoint)."""
-    out = {}
-    for rec in _records(os.path.join(workdir, "metrics.jsonl")):
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
 
 
 def run_cli(workdir, *overrides, env=None, wait=True):
@@ -136,9 +121,9 @@ def test_torn_checkpoint_is_ignored(tmp_path):
     # And an Orbax temporary directory left by a process killed mid-save.
     shutil.copytree(ckpts / "4", ckpts / "12.orbax-checkpoint-tmp-1700000000")
     summary = train(tiny(steps=9, checkpoint_every=4, log_every=100), str(tmp_path))
-    records = _records(tmp_path / "metrics.jsonl")
+    recs = records(tmp_path / "metrics.jsonl")
     # Resumed from 4: steps 5..9 were logged again after the first run's 1..8.
-    assert [r["step"] for r in records][8:] == [5, 6, 7, 8, 9]
+    assert [r["step"] for r in recs][8:] == [5, 6, 7, 8, 9]
     assert summary["checkpoints"] == [4, 8, 9]
     assert any(d.startswith("torn-8-") for d in os.listdir(ckpts))
 
@@ -184,7 +169,7 @@ def test_nonfinite_steps_are_counted_and_too_many_stop_the_run(tmp_path):
         str(tmp_path / "a"),
     )
     assert summary["final_step"] == 6
-    recs = _records(tmp_path / "a" / "metrics.jsonl")
+    recs = records(tmp_path / "a" / "metrics.jsonl")
     assert [r["applied"] for r in recs] == [True, True, False, True, True, True]
     assert recs[-1]["guards/nonfinite_steps"] == 1
     bad = [[s, float("inf")] for s in range(1, 5)]
@@ -214,7 +199,7 @@ def test_loss_spike_rolls_back_and_skips_data(tmp_path):
         },
     )
     summary = train(cfg, str(tmp_path))
-    recs = _records(tmp_path / "metrics.jsonl")
+    recs = records(tmp_path / "metrics.jsonl")
     steps = [r["step"] for r in recs]
     # Steps 1..9 ran (the 10th, data step 9, spiked and was not logged), then back to 8 → 9..12.
     assert steps == list(range(1, 10)) + [9, 10, 11, 12]
@@ -241,7 +226,7 @@ def test_spike_skip_mode_drops_the_update(tmp_path):
         ),
         str(tmp_path),
     )
-    recs = _records(tmp_path / "metrics.jsonl")
+    recs = records(tmp_path / "metrics.jsonl")
     assert [r["applied"] for r in recs] == [True] * 6 + [False, True]
 
 
@@ -274,56 +259,9 @@ def test_frozen_params_do_not_move_and_have_no_optimizer_state(tmp_path):
     assert len(opt_leaves) == 2 * n_trainable
 
 
-REMESH = """
-import json, sys
-from conftest import load_config
-from idefics_jax.train.loop import train
-c = load_config("tiny"); c.eval_data = None; c.train.eval_every = 0
-c.train.steps = int(sys.argv[2]); c.train.checkpoint_every = 2; c.train.log_every = 100
-c.mesh.update(json.loads(sys.argv[3]))
-train(c, sys.argv[1])
-"""
-
-
-@pytest.mark.parametrize(
-    "first, second",
-    [
-        ({"fsdp": 1}, {"fsdp": 2, "tensor": 2}),
-        ({"fsdp": 2, "tensor": 2}, {"fsdp": 1}),
-    ],
-    ids=["1-to-4-devices", "4-to-1-device"],
-)
-def test_restore_onto_another_mesh_gives_the_same_next_loss(tmp_path, first, second):
-    def run(workdir, steps, mesh):
-        devices = 4 if mesh.get("tensor", 1) * mesh["fsdp"] == 4 else 1
-        env = dict(
-            os.environ,
-            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-            PYTHONPATH=os.path.join(ROOT, "tests"),
-        )
-        proc = subprocess.run(
-            [sys.executable, "-c", REMESH, str(workdir), str(steps), json.dumps(mesh)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-
-    run(tmp_path / "a", 3, first)  # checkpoints at 2 and 3
-    os.makedirs(tmp_path / "b" / "checkpoints")
-    shutil.copytree(tmp_path / "a" / "checkpoints" / "2", tmp_path / "b" / "checkpoints" / "2")
-    run(tmp_path / "b", 3, second)  # restores step 2 onto the other mesh, then takes step 3
-    same, other = losses(tmp_path / "a")[3], losses(tmp_path / "b")[3]
-    assert abs(same - other) <= 1e-6, (same, other)
-
-
 def test_frozen_weights_can_have_their_own_layout_and_dtype():
-    import importlib.util
+    from configs import common
 
-    spec = importlib.util.spec_from_file_location("common", os.path.join(ROOT, "configs", "common.py"))
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
     config = tiny()
     config.model.freeze_text_layers = True
     config.model.freeze_vision_layers = True

@@ -29,16 +29,20 @@ is built and summed by the `Pipeline` in the main process, so the numbers do not
 from __future__ import annotations
 
 import bisect
+import hashlib
 import logging
 import os
+from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
 
-from idefics_jax.data.formats import KINDS, FormatError, ImageRef, RawExample, Source
+from idefics_jax.data.formats import FormatError, ImageRef, RawExample, Source
 from idefics_jax.data.packing import TokenIds, pack, window
 from idefics_jax.data.processor import FAKE_TOKEN, IMAGE_TOKEN, BadExample, cached_tokenizer, decode_image, image_array
+from idefics_jax.data.schema import check_batch
+from idefics_jax.run_config import check_data
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +66,6 @@ COUNTERS = ("rows", "examples", "tokens", "images", "attempted", "skipped", "tru
     f"skip_{r}" for r in REASONS
 )
 _C = {name: i for i, name in enumerate(COUNTERS)}
-BATCH_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "position_ids",
-    "segment_ids",
-    "pixel_values",
-    "image_attention_mask",
-    "loss_mask",
-    "dataset_id",
-)
 _logged: set[tuple[str, str]] = set()  # (dataset, reason) already logged by this process
 
 
@@ -128,55 +122,38 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _field(cfg, name, kind, check, expected):
-    if name not in cfg:
-        raise ValueError(f"data.{name}: missing (expected {expected})")
-    v = cfg[name]
-    if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool) or not check(v):
-        raise ValueError(f"data.{name}: expected {expected}, got {v!r}")
-    return v
+# The data fields the sequence of batches depends on. skip_steps is not one: skipping a range is how
+# a run deliberately moves past data (rollbacks add to it), and the step → data step map keeps the rest.
+ORDER_FIELDS = (
+    "datasets",
+    "seed",
+    "global_batch_size",
+    "seq_len",
+    "max_num_images",
+    "image_size",
+    "mixture_block_rows",
+    "image_tokens_are_targets",
+    "use_segment_ids",
+    "max_image_pixels",
+    "min_image_side",
+)
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the field for a data config that cannot work."""
-    _field(cfg, "tokenizer_path", str, os.path.isdir, "an existing tokenizer directory")
-    _field(cfg, "seq_len", int, lambda v: v >= 8, "an int >= 8")
-    _field(cfg, "max_num_images", int, lambda v: v >= 1, "an int >= 1")
-    _field(cfg, "image_size", int, lambda v: v >= 1, "an int >= 1")
-    _field(cfg, "global_batch_size", int, lambda v: v >= 1, "an int >= 1")
-    _field(cfg, "seed", int, lambda v: v >= 0, "an int >= 0")
-    _field(cfg, "worker_count", int, lambda v: v >= 0, "an int >= 0")
-    _field(cfg, "read_threads", int, lambda v: v >= 1, "an int >= 1")
-    _field(cfg, "prefetch_batches", int, lambda v: v >= 1, "an int >= 1")
-    _field(cfg, "max_skip_fraction", (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]")
-    _field(cfg, "skip_check_min_examples", int, lambda v: v >= 1, "an int >= 1")
-    _field(cfg, "image_tokens_are_targets", bool, lambda v: True, "a bool")
-    _field(cfg, "use_segment_ids", bool, lambda v: True, "a bool")
-    _field(cfg, "max_image_pixels", int, lambda v: v >= 1, "an int >= 1")
-    _field(cfg, "min_image_side", int, lambda v: v >= 1, "an int >= 1")
-    _field(cfg, "mixture_block_rows", int, lambda v: v >= 1, "an int >= 1")
-    if not cfg.datasets:
-        raise ValueError("data.datasets: empty (expected name → {kind, paths, weight})")
-    for name, ds in cfg.datasets.items():
-        where = f"data.datasets.{name}"
-        if ds.get("kind") not in KINDS:
-            raise ValueError(f"{where}.kind: expected one of {KINDS}, got {ds.get('kind')!r}")
-        if not isinstance(ds.get("paths"), str) or not ds.get("paths"):
-            raise ValueError(f"{where}.paths: expected a non-empty glob string, got {ds.get('paths')!r}")
-        w = ds.get("weight")
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
-            raise ValueError(f"{where}.weight: expected a number > 0, got {w!r}")
-        k = ds.get("examples_per_row", 0)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"{where}.examples_per_row: expected an int >= 0, got {k!r}")
-    prev = -1
-    for r in cfg.skip_steps:
-        if len(r) != 2 or not (0 <= r[0] < r[1]) or r[0] < prev:
-            raise ValueError(
-                f"data.skip_steps: expected sorted, non-overlapping [start, stop) ranges with start < stop, "
-                f"got {list(cfg.skip_steps)!r}"
-            )
-        prev = r[1]
+def order_fingerprint(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What decides which examples each step sees, as JSON: the `ORDER_FIELDS` of a data config and
+    `tokenizer_sha256`, a hash of the tokenizer directory's files (the same tokenizer moved
+    elsewhere keeps it; a different vocabulary or merge table does not). The trainer stores it in
+    every checkpoint and refuses to resume when it changed (`run_config.differences` names the fields)."""
+    out = {k: cfg[k].to_dict() if isinstance(cfg[k], ml_collections.ConfigDict) else cfg[k] for k in ORDER_FIELDS}
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(cfg.tokenizer_path)):
+        path = os.path.join(cfg.tokenizer_path, name)
+        if os.path.isfile(path):
+            h.update(name.encode() + b"\0")
+            with open(path, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
+    out["tokenizer_sha256"] = h.hexdigest()
+    return out
 
 
 def _seed(*xs: int) -> int:
@@ -232,7 +209,8 @@ class RowBuilder:
     copy; tokenizer and shard handles are opened lazily in each process."""
 
     def __init__(self, cfg: ml_collections.ConfigDict):
-        validate(cfg)
+        check_data(cfg)
+        self.cfg = cfg
         self.names = list(cfg.datasets.keys())
         specs = [cfg.datasets[n] for n in self.names]
         self.kinds = [s.kind for s in specs]
@@ -393,7 +371,9 @@ class _LocalBatch:
     def __call__(self, data_step: int) -> dict[str, np.ndarray]:
         base = data_step * self.global_batch + self.first_row
         rows = [self.builder(base + r) for r in range(self.rows)]
-        return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+        out = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+        check_batch({k: v for k, v in out.items() if k != "stats"}, self.builder.cfg, self.rows)
+        return out
 
 
 class _DataSteps:
@@ -420,11 +400,8 @@ class Pipeline:
 
     Use `next(pipeline)` (or iterate) for consecutive steps from `state()["step"]` with Grain
     workers, `batch(step)` for one step built in this process. Workers are spawned processes: the
-    program's entry point needs the usual `if __name__ == "__main__":` guard. Batches are dicts of numpy arrays,
-    B = global_batch_size / process_count rows:
-      input_ids, attention_mask, position_ids, segment_ids: int32 [B, T];
-      pixel_values float32 [B, N, 3, S, S] (zeros in unused slots);
-      image_attention_mask int32 [B, T, N]; loss_mask float32 [B, T]; dataset_id int32 [B].
+    program's entry point needs the usual `if __name__ == "__main__":` guard. Batches are dicts of numpy arrays
+    as `data.schema.BATCH` defines them, with B = global_batch_size / process_count rows.
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1):

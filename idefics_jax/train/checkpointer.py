@@ -66,9 +66,9 @@ class Checkpointer:
         for step in torn:
             log.warning("checkpoint step %d in %s is incomplete (torn save): set aside, not used", step, self.directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=int(train_cfg.keep_checkpoints),
-            keep_period=int(train_cfg.keep_period) or None,
-            enable_async_checkpointing=bool(train_cfg.async_checkpointing),
+            max_to_keep=train_cfg.keep_checkpoints,
+            keep_period=train_cfg.keep_period or None,
+            enable_async_checkpointing=train_cfg.async_checkpointing,
             cleanup_tmp_directories=True,
             create=True,
         )
@@ -96,6 +96,12 @@ class Checkpointer:
             ),
             force=True,
         )
+
+    def train_state(self, step: int) -> dict[str, Any]:
+        """The train_state JSON item of `step` (position, data iterator, guards, data-order fingerprint)."""
+        return self.manager.restore(step, args=ocp.args.Composite(**{fmt.TRAIN_STATE: ocp.args.JsonRestore()}))[
+            fmt.TRAIN_STATE
+        ]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

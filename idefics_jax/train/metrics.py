@@ -38,6 +38,25 @@ class Writer:
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self.tb.add_scalar(k, v, step)
 
+    def log_step(self, step: int, steps: int, record: Mapping[str, Any], counters=None) -> None:
+        """Writes one step's record; with `counters` (a callable giving the data pipeline's
+        per-dataset counters, passed on logging steps) also adds them and prints the progress line."""
+        if counters is not None:
+            record = {**record, "data": counters()}
+            g = record["guards"]
+            self.console(
+                f"step {step}/{steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | "
+                f"{record['images_per_s']:.0f} img/s | mfu {100 * record['mfu']:.1f}% | "
+                f"skipped {g['nonfinite_steps'] + g['spike_steps']}"
+            )
+        self.write(step, record)
+
+    def log_eval(self, step: int, result: Mapping[str, float], batches: int) -> None:
+        """Writes a held-out evaluation under `eval/` and prints it."""
+        self.write(step, {"eval": result})
+        self.console(f"eval at step {step} | held-out loss {result['loss']:.4f} over {batches} batches")
+
     def console(self, line: str) -> None:
         if self.active:
             print(line, file=sys.stderr, flush=True)

@@ -14,7 +14,9 @@ The state is a plain dict pytree, so the train step is a plain `jax.jit` over it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -26,16 +28,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from idefics_jax import sharding
 from idefics_jax.config import IdeficsConfig
+from idefics_jax.errors import UserError
 from idefics_jax.models import Idefics
 from idefics_jax.models import layers as L
 from idefics_jax.models.freeze import trainable_mask
+from idefics_jax.run_config import Run, parse
 
 
 def schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warmup 0 → `lr` over `warmup_steps`, then linear decay to `end_lr` at `decay_steps`."""
-    warm = optax.linear_schedule(0.0, opt.lr, max(int(opt.warmup_steps), 1))
-    decay = optax.linear_schedule(opt.lr, opt.end_lr, max(int(opt.decay_steps) - int(opt.warmup_steps), 1))
-    return optax.join_schedules([warm, decay], [int(opt.warmup_steps)])
+    warm = optax.linear_schedule(0.0, opt.lr, max(opt.warmup_steps, 1))
+    decay = optax.linear_schedule(opt.lr, opt.end_lr, max(opt.decay_steps - opt.warmup_steps, 1))
+    return optax.join_schedules([warm, decay], [opt.warmup_steps])
 
 
 def _decays(owner: nnx.Module, leaf: str) -> bool:
@@ -44,11 +48,12 @@ def _decays(owner: nnx.Module, leaf: str) -> bool:
 
 
 def optimizer(opt: ml_collections.ConfigDict, lr: optax.Schedule, decay_mask: Any) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW on schedule `lr` with `decay_mask` (a pytree of bools like the params)."""
-    return optax.chain(
-        optax.clip_by_global_norm(opt.clip_norm),
-        optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=decay_mask),
-    )
+    """Global-norm clipping (off when clip_norm is None) then AdamW on schedule `lr` with `decay_mask`
+    (a pytree of bools like the params)."""
+    adamw = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=decay_mask)
+    if opt.clip_norm is None:
+        return optax.chain(optax.identity(), adamw)  # same state structure as with clipping
+    return optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw)
 
 
 @dataclasses.dataclass
@@ -63,6 +68,13 @@ class Layout:
     lr: optax.Schedule
     mesh: jax.sharding.Mesh
     rules: sharding.Rules
+    micro_batch_rows_per_device: int
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator[None]:
+        """The mesh and the logical-axis rules in force for tracing, compiling and running on them."""
+        with jax.set_mesh(self.mesh), sharding.use_rules(self.rules):
+            yield
 
     def params_shardings(self) -> nnx.State:
         """Shardings of all params (trainable ∪ frozen), in `nnx.state(model, nnx.Param)` layout."""
@@ -72,9 +84,24 @@ class Layout:
         return nnx.merge_state(self.abstract["params"], self.abstract["frozen"])
 
 
-def layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Layout:
-    """Abstract train state (nothing allocated) and its shardings on `mesh` for a full config."""
-    model_config = IdeficsConfig.from_dict(config.model)
+def micro_batch_rows(global_batch: int, micro_batches: int, mesh: jax.sharding.Mesh) -> int:
+    """Rows each data×fsdp shard gets per micro-batch; ValueError naming the fields when the global
+    batch does not split into `micro_batches` micro-batches each divisible by those devices."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % micro_batches or (global_batch // micro_batches) % shards:
+        raise UserError(
+            f"data.global_batch_size={global_batch} must split into train.micro_batches={micro_batches} "
+            f"micro-batches each divisible by the data×fsdp devices ({shards})"
+        )
+    return global_batch // micro_batches // shards
+
+
+def layout(run: Run | ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Layout:
+    """Abstract train state (nothing allocated) and its shardings on `mesh` for a run config
+    (a ConfigDict is validated first)."""
+    run = parse(run)
+    config, model_config = run.config, run.model
+    rows = micro_batch_rows(config.data.global_batch_size, config.train.micro_batches, mesh)
     rules = sharding.rules_from_config(config.get("sharding_rules"))
     # Frozen weights may be laid out differently: e.g. kept whole across FSDP shards (split over
     # 'tensor' only) so that no step re-gathers them.
@@ -90,7 +117,7 @@ def layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Layout
     frozen_dtype = jnp.dtype(config.train.get("frozen_dtype") or model_config.param_dtype)
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, frozen_dtype), frozen)
     if not jax.tree.leaves(params):
-        raise ValueError("model config freezes every parameter: nothing to train")
+        raise UserError("model config freezes every parameter: nothing to train")
     decay = jax.tree.map(lambda _: True, params)
     decay = nnx.from_flat_state(
         [(p, v.replace(_decays(owners[tuple(p[:-1])], str(p[-1])))) for p, v in nnx.to_flat_state(decay)]
@@ -109,7 +136,7 @@ def layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Layout
         "step": replicated,
         "updates": replicated,
     }
-    return Layout(model_config, graphdef, abstract, shardings, tx, lr, mesh, rules)
+    return Layout(model_config, graphdef, abstract, shardings, tx, lr, mesh, rules, rows)
 
 
 def _like_params(tree: Any, params: Any, params_shardings: Any, other: NamedSharding) -> Any:

@@ -21,9 +21,8 @@ import optax
 from flax import nnx
 
 from idefics_jax import sharding
+from idefics_jax.data.schema import MODEL_INPUTS
 from idefics_jax.train.state import Layout
-
-MODEL_INPUTS = ("input_ids", "pixel_values", "image_attention_mask", "attention_mask", "position_ids", "segment_ids")
 
 
 def loss_sums(model, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:

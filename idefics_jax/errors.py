@@ -1,0 +1,45 @@
+"""Errors that are the user's, and how every command-line entry point reports them.
+
+`UserError` (a ValueError) is raised for problems with what the user gave: a config field, a file,
+a checkpoint, the devices. Every CLI runs its body through `cli_main`: a UserError becomes one line
+on stderr and exit code 1 (usage errors are argparse's/absl's: exit 2), with the traceback only
+under `--debug`; anything else is a bug of ours and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+class UserError(ValueError):
+    """A problem with the user's input; the message names the thing that is wrong and what was expected."""
+
+
+def cli_main(prog: str, body: Callable[[], Any], debug: bool = False) -> Any:
+    """Runs `body()`; a UserError (or KeyboardInterrupt) exits with one line instead of a traceback."""
+    try:
+        return body()
+    except UserError as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split())
+        print(f"{prog}: error: {message} (--debug shows the traceback)", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def quiet_start() -> None:
+    """Silences third-party start-up noise before our first line: transformers' "PyTorch was not
+    found" notice, TensorFlow/XLA C++ INFO logs and JAX's 'Unable to initialize backend' INFO lines.
+    Warnings and errors still show. Call before importing transformers or JAX."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import logging
+
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
