@@ -38,7 +38,7 @@ def hf_tensors(directory) -> dict[str, np.ndarray]:
     for name in sorted(os.listdir(directory)):
         if name.endswith(".safetensors"):
             with safe_open(os.path.join(directory, name), framework="pt") as f:
-                for k in f:
+                for k in f.keys():
                     t = f.get_tensor(k)
                     out[k] = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
     return out

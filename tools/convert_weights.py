@@ -403,7 +403,7 @@ def init(args) -> None:
     entries = hf.entries(config)
     # CLIPModel and older CLIPVisionModel files name the tower `vision_model.…`; transformers 5 saves a
     # CLIPVisionModel without that prefix.
-    prefix = "vision_model." if any(k.startswith("vision_model.") for k in clip) else ""
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in clip.keys()) else ""
     from_clip = lambda n: n.replace("model.vision_model.", prefix, 1)
     vision = [e for e in entries if e.path[0] == "vision_model"]
     text = [e for e in entries if e.path[0] != "vision_model" and not is_new(e.path)]
