@@ -103,6 +103,8 @@ def train_section() -> ml_collections.ConfigDict:
             keep_checkpoints=3,  # newest kept
             keep_period=0,  # steps that are multiples of this are kept forever (0 = none)
             async_checkpointing=True,
+            # A workdir lock whose heartbeat is older than this is taken over (train/lock.py).
+            lock_stale_after_s=300.0,
             eval_every=0,  # 0 = no eval
             eval_steps=4,
             log_every=10,

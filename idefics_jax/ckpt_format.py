@@ -31,9 +31,19 @@ from flax import nnx
 from orbax.checkpoint import v1 as ocp_v1
 from orbax.checkpoint.experimental.v1 import partial as ocp_partial
 
+from idefics_jax import integrity
 from idefics_jax.config import IdeficsConfig
+from idefics_jax.errors import UserError
 
 PARAMS, CONFIG, OPT_STATE, TRAIN_STATE = "params", "config", "opt_state", "train_state"
+
+
+class CheckpointNotFound(UserError, FileNotFoundError):
+    """No (complete) checkpoint where one was asked for."""
+
+
+class CheckpointCorrupt(UserError):
+    """A checkpoint's files differ from its manifest (idefics_jax.integrity)."""
 
 
 def manager(
@@ -58,29 +68,40 @@ def read_config(directory: str | os.PathLike, step: int | None = None) -> tuple[
     finally:
         mngr.close()
     if "model" not in cfg:
-        raise ValueError(f"{directory}: the config of step {step} has no 'model' section; not one of our checkpoints")
+        raise UserError(f"{directory}: the config of step {step} has no 'model' section; not one of our checkpoints")
     return step, cfg
 
 
 def _step(mngr: ocp.CheckpointManager, directory, step: int | None) -> int:
     steps = mngr.all_steps()
     if not steps:
-        raise FileNotFoundError(f"{directory}: no complete checkpoint found")
+        raise CheckpointNotFound(f"{directory}: no complete checkpoint found")
     if step is None:
         return max(steps)
     if step not in steps:
-        raise FileNotFoundError(f"{directory}: no checkpoint for step {step}; have {sorted(steps)}")
+        raise CheckpointNotFound(f"{directory}: no checkpoint for step {step}; have {sorted(steps)}")
     return step
 
 
+def verify_step(directory: str | os.PathLike, step: int) -> None:
+    """Raises CheckpointCorrupt naming the first bad file when `step`'s files differ from its manifest."""
+    problems = integrity.verify(os.path.join(os.path.abspath(os.fspath(directory)), str(step)))
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointCorrupt(f"{directory} step {step} failed verification: {problems[0]}{more}")
+
+
 def restore_params(
-    directory: str | os.PathLike, abstract_params: nnx.State, step: int, shardings: Any = None
+    directory: str | os.PathLike, abstract_params: nnx.State, step: int, shardings: Any = None, verify: bool = True
 ) -> nnx.State:
     """The `params` item of `step` restored into the structure of `abstract_params` (nnx Params).
 
     `shardings` (same structure, NamedSharding leaves) places each array as Orbax reads it, so a
-    checkpoint saved on one mesh restores onto another.
+    checkpoint saved on one mesh restores onto another. The step is verified first against its
+    manifest (`verify=False`: the caller already did).
     """
+    if verify:
+        verify_step(directory, step)
     pure = nnx.to_pure_dict(abstract_params)
     sh = nnx.to_pure_dict(shardings) if shardings is not None else None
     target = jax.tree.map(
@@ -217,6 +238,7 @@ class ParamsWriter:
         meta["item_handlers"][PARAMS] = f"{handler.__module__}.{handler.__qualname__}"
         with open(meta_path, "w") as f:
             json.dump(meta, f)
+        integrity.write_manifest(step_dir)
         target = os.path.join(self.root, str(self.step))
         if os.path.exists(target):
             raise FileExistsError(f"{target}: step {self.step} already exists")
@@ -240,7 +262,7 @@ def params_metadata(directory: str | os.PathLike, step: int) -> dict[Path, tuple
     tree = mngr.item_metadata(step)[PARAMS]
     mngr.close()
     if tree is None:
-        raise FileNotFoundError(f"{directory}: step {step} has no readable '{PARAMS}' item")
+        raise CheckpointNotFound(f"{directory}: step {step} has no readable '{PARAMS}' item")
     tree = getattr(tree, "tree", tree)
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
     return {tuple(str(getattr(k, "key", k)) for k in kp): (tuple(m.shape), np.dtype(m.dtype)) for kp, m in flat}
@@ -252,6 +274,7 @@ def iter_params(directory: str | os.PathLike, step: int, paths: Iterable[Path]) 
     Each array has its stored shape and dtype; only one is in memory at a time (plus Orbax's read
     buffers, about half of it).
     """
+    verify_step(directory, step)
     mngr = manager(directory, ocp.CheckpointManagerOptions(read_only=True, create=False))
     meta = params_metadata(directory, step)
     for path in paths:

@@ -42,4 +42,23 @@ def quiet_start() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import logging
 
+    from absl import logging as absl_logging
+
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    absl_logging.get_absl_handler().addFilter(_drop_known_noise)
+
+
+# Messages third-party libraries log at warning level about things we do on purpose.
+_NOISE = (
+    "read_only=True, setting save_interval_steps",  # Orbax, opening a checkpoint to read it
+    "Given directory is read only",
+)
+
+
+def _drop_known_noise(record) -> bool:
+    # Orbax's background save threads log their failures (with tracebacks) before re-raising them to
+    # the trainer, which reports them in one line (train/checkpointer.py CheckpointSaveError).
+    if record.levelno >= 40 and f"{os.sep}orbax{os.sep}" in record.pathname:
+        return False
+    message = record.getMessage()
+    return not any(n in message for n in _NOISE)

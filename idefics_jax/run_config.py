@@ -197,6 +197,7 @@ TRAIN_SCHEMA: dict[str, Rule] = {
     "keep_checkpoints": integer(1),
     "keep_period": integer(0),
     "async_checkpointing": BOOL,
+    "lock_stale_after_s": number(0, lo_open=True),
     "eval_every": integer(0),
     "eval_steps": integer(1),
     "log_every": integer(1),

@@ -1,4 +1,4 @@
-"""python -m idefics_jax.train --config configs/X.py [--workdir DIR] [--config.a.b=v ...] [--debug]
+"""python -m idefics_jax.train --config configs/X.py [--workdir DIR] [--config.a.b=v ...] [--debug] [--verify_only]
 
 Trains (or resumes: the latest complete checkpoint in WORKDIR/checkpoints) the configured model.
 Process 0 writes WORKDIR/metrics.jsonl and TensorBoard events in WORKDIR/tensorboard. A wrong config
@@ -23,6 +23,11 @@ from idefics_jax import run_config  # noqa: E402
 _CONFIG = run_config.define_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics). Default: config.workdir.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of input errors too.")
+_VERIFY_ONLY = flags.DEFINE_bool(
+    "verify_only",
+    False,
+    "Verify WORKDIR's checkpoints against their manifests, print a table, and exit (1: the newest is bad).",
+)
 
 
 def _train() -> None:
@@ -41,6 +46,12 @@ def _train() -> None:
     workdir = _WORKDIR.value or config.get("workdir")
     if not workdir:
         raise UserError("--workdir is required for this config (it sets no default)")
+    if _VERIFY_ONLY.value:
+        from idefics_jax.train.checkpointer import verify_report
+
+        table, ok = verify_report(workdir)
+        print(table, flush=True)
+        sys.exit(0 if ok else 1)
     if jax.process_index() == 0:
         note = "" if _WORKDIR.value else " (the config's default; set --workdir to change)"
         print(f"workdir: {os.path.abspath(workdir)}{note}", file=sys.stderr, flush=True)

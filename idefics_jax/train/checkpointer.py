@@ -3,28 +3,39 @@
 - Saved every `train.checkpoint_every` steps, asynchronously (the arrays are copied off the devices
   before `save` returns; the files are written in the background), atomically (Orbax writes into a
   temporary directory and renames it when complete).
-- Kept: the newest `train.keep_checkpoints`, plus every step that is a multiple of
-  `train.keep_period` forever (0 = none).
-- Items: params (all of them, so `idefics_jax.load` and the jax-to-hf converter read any training
-  checkpoint), opt_state (as a flat list of arrays), train_state (JSON: step, updates, guard state,
-  data position and counters, rollback skips), config (JSON, the whole training config).
+- Finalised once committed (`poll` each step, or before the next save): every process hashes the
+  files it wrote into a manifest (idefics_jax.integrity). Only finalised steps count as verified.
+- Restored only after verification (`restorable_step`): a step whose files differ from its manifest
+  (or that has none) is set aside as `corrupt-<step>-<time>` — never deleted — and the next older
+  one is tried; when checkpoints exist but none verifies, the run refuses to start.
+- Kept: the newest `train.keep_checkpoints` verified steps, plus every step that is a multiple of
+  `train.keep_period` (0 = none). Pruning happens only after a newer step was verified, so the
+  last verified checkpoint is never deleted before its successor is.
 - A step directory that is not complete (no Orbax commit marker or metadata, e.g. a copy that was cut
-  short) is moved aside as `torn-<step>-<time>` and the previous complete step is used.
+  short) is set aside as `torn-<step>-<time>`; Orbax's temporary directories of interrupted saves
+  are removed.
+- Before each save, free space is compared with the last checkpoint's size (a warning when it may
+  not fit); a save that fails (disk full, I/O error) raises CheckpointSaveError with one line.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from idefics_jax import ckpt_format as fmt
+from idefics_jax import integrity
+from idefics_jax.errors import UserError
 from idefics_jax.train.state import Layout, full_params, split_params
 
 ITEMS = (fmt.PARAMS, fmt.OPT_STATE, fmt.TRAIN_STATE, fmt.CONFIG)
@@ -33,11 +44,22 @@ _COMPLETE_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")
 log = logging.getLogger(__name__)
 
 
+class CheckpointSaveError(UserError):
+    """A checkpoint could not be written (disk full, I/O error); the message says where and what is left."""
+
+
 def _complete(step_dir: str) -> bool:
     """Orbax writes its step metadata and commit marker last; every item must be there too."""
     return all(os.path.exists(os.path.join(step_dir, m)) for m in _COMPLETE_MARKERS) and all(
         os.path.isdir(os.path.join(step_dir, item)) for item in ITEMS
     )
+
+
+def _set_aside(directory: str, step: int, kind: str) -> str:
+    """Renames step `step` to `<kind>-<step>-<time>` (out of Orbax's sight, kept for inspection)."""
+    target = os.path.join(directory, f"{kind}-{step}-{int(time.time())}")
+    os.rename(os.path.join(directory, str(step)), target)
+    return target
 
 
 def set_aside_torn(directory: str) -> list[int]:
@@ -48,67 +70,88 @@ def set_aside_torn(directory: str) -> list[int]:
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
         if name.isdigit() and os.path.isdir(path) and not _complete(path):
-            os.rename(path, os.path.join(directory, f"torn-{name}-{int(time.time())}"))
+            _set_aside(directory, int(name), "torn")
             torn.append(int(name))
     return torn
 
 
+def _sync(tag: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"idefics_jax: {tag}")
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 class Checkpointer:
-    """Saves and restores full train states for one run directory."""
+    """Saves, verifies, prunes and restores full train states for one run directory."""
 
     def __init__(self, workdir: str, train_cfg: ml_collections.ConfigDict):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.keep, self.keep_period = train_cfg.keep_checkpoints, train_cfg.keep_period
         torn = set_aside_torn(self.directory)
-        if jax.process_count() > 1:  # everyone must see the directory after process 0 tidied it
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("idefics_jax: torn checkpoints set aside")
+        _sync("torn checkpoints set aside")  # everyone must see the directory after process 0 tidied it
         for step in torn:
             log.warning("checkpoint step %d in %s is incomplete (torn save): set aside, not used", step, self.directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=train_cfg.keep_checkpoints,
-            keep_period=train_cfg.keep_period or None,
+            max_to_keep=None,  # pruned here, after verification
             enable_async_checkpointing=train_cfg.async_checkpointing,
             cleanup_tmp_directories=True,
             create=True,
         )
         self.manager = fmt.manager(self.directory, options, ITEMS)
+        self._pending: list[int] = []  # saved (maybe still in flight), not yet finalised
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(
-        self, step: int, state: dict[str, Any], train_state: dict[str, Any], config: ml_collections.ConfigDict
-    ) -> None:
-        """Starts saving `state` as `step` (returns once the arrays are off the devices)."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    fmt.PARAMS: ocp.args.StandardSave(nnx.to_pure_dict(full_params(state))),
-                    fmt.OPT_STATE: ocp.args.StandardSave(jax.tree.leaves(state["opt_state"])),
-                    fmt.TRAIN_STATE: ocp.args.JsonSave(train_state),
-                    fmt.CONFIG: ocp.args.JsonSave(config.to_dict()),
-                }
-            ),
-            force=True,
-        )
+    # Restoring -----------------------------------------------------------------------------------
 
-    def train_state(self, step: int) -> dict[str, Any]:
-        """The train_state JSON item of `step` (position, data iterator, guards, data-order fingerprint)."""
-        return self.manager.restore(step, args=ocp.args.Composite(**{fmt.TRAIN_STATE: ocp.args.JsonRestore()}))[
-            fmt.TRAIN_STATE
-        ]
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def restorable_step(self, say: Callable[[str], None] | None = None) -> int | None:
+        """The newest step that verifies; the ones that fail are set aside, each reported through
+        `say` (default: a logged warning) saying why. None when there is no checkpoint; UserError when
+        there are some and none verifies (never a silent start from scratch)."""
+        say = say or log.warning
+        bad = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            index, count = jax.process_index(), jax.process_count()
+            problems = integrity.verify(self.step_dir(step), (index, count))
+            if not _any_process(bool(problems)):
+                if bad:
+                    self.manager.reload()
+                return step
+            if jax.process_index() == 0:
+                where = _set_aside(self.directory, step, "corrupt")
+                more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+                say(f"checkpoint step {step} failed verification: {problems[0]}{more}; set aside as {where}")
+            bad.append(step)
+            _sync(f"checkpoint {step} set aside")
+        if bad:
+            self.manager.reload()
+            raise UserError(
+                f"no checkpoint in {self.directory} verifies: steps {bad} failed (set aside as corrupt-<step>-<time>; "
+                "the messages above say which files). Refusing to start from scratch in a run that had checkpoints: "
+                "restore them from a copy, or use a new --workdir"
+            )
+        return None
 
     def restore(self, step: int, lay: Layout) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(train state placed with `lay`'s shardings — any mesh —, train_state JSON) of `step`."""
-        params = fmt.restore_params(self.directory, lay.abstract_params(), step, lay.params_shardings())
+        """(train state placed with `lay`'s shardings — any mesh —, train_state JSON) of a verified `step`."""
+        params = fmt.restore_params(self.directory, lay.abstract_params(), step, lay.params_shardings(), verify=False)
         trainable, frozen = split_params(lay, params)
         opt_target = [
             jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
@@ -117,10 +160,7 @@ class Checkpointer:
         got = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                **{
-                    fmt.OPT_STATE: ocp.args.StandardRestore(opt_target),
-                    fmt.TRAIN_STATE: ocp.args.JsonRestore(),
-                }
+                **{fmt.OPT_STATE: ocp.args.StandardRestore(opt_target), fmt.TRAIN_STATE: ocp.args.JsonRestore()}
             ),
         )
         opt_state = jax.tree.unflatten(jax.tree.structure(lay.abstract["opt_state"]), list(got[fmt.OPT_STATE]))
@@ -135,6 +175,129 @@ class Checkpointer:
         }
         return state, meta
 
+    def train_state(self, step: int) -> dict[str, Any]:
+        """The train_state JSON item of `step` (position, data iterator, guards, data-order fingerprint)."""
+        args = ocp.args.Composite(**{fmt.TRAIN_STATE: ocp.args.JsonRestore()})
+        return self.manager.restore(step, args=args)[fmt.TRAIN_STATE]
+
+    # Saving --------------------------------------------------------------------------------------
+
+    def save(
+        self, step: int, state: dict[str, Any], train_state: dict[str, Any], config: ml_collections.ConfigDict
+    ) -> None:
+        """Starts saving `state` as `step` (returns once the arrays are off the devices); the previous
+        save is finalised first."""
+        self.finalize()
+        self._check_space(step, sum(x.nbytes for x in jax.tree.leaves(state)))
+        args = ocp.args.Composite(
+            **{
+                fmt.PARAMS: ocp.args.StandardSave(nnx.to_pure_dict(full_params(state))),
+                fmt.OPT_STATE: ocp.args.StandardSave(jax.tree.leaves(state["opt_state"])),
+                fmt.TRAIN_STATE: ocp.args.JsonSave(train_state),
+                fmt.CONFIG: ocp.args.JsonSave(config.to_dict()),
+            }
+        )
+        try:
+            self.manager.save(step, args=args, force=True)
+        except Exception as e:
+            raise self._save_error(step, f"failed ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
+        self._pending.append(step)
+
+    def poll(self) -> None:
+        """Finalises the saves that have finished in the background (cheap when none has)."""
+        if self._pending and not self.manager.is_saving_in_progress():
+            self.finalize()
+
+    def finalize(self) -> None:
+        """Waits for the saves in flight, writes their manifests, then prunes old verified steps."""
+        if not self._pending:
+            return
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:
+            failed, self._pending = self._pending[-1], []  # abandoned: its temporary directory is tidied at the next start
+            raise self._save_error(failed, f"failed ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
+        for step in self._pending:
+            integrity.write_manifest(self.step_dir(step), jax.process_index(), jax.process_count())
+        _sync("manifests written")
+        self._pending = []
+        self._prune()
+
+    def _prune(self) -> None:
+        verified = [s for s in self.all_steps() if integrity.has_manifest(self.step_dir(s))]
+        keep = set(verified[-self.keep :]) | {s for s in verified if self.keep_period and s % self.keep_period == 0}
+        for step in verified:
+            if step not in keep:
+                self.manager.delete(step)
+
+    def _last_verified(self) -> int | None:
+        verified = [s for s in self.all_steps() if integrity.has_manifest(self.step_dir(s))]
+        return verified[-1] if verified else None
+
+    def _check_space(self, step: int, state_bytes: int) -> None:
+        """Stops before writing when the checkpoint cannot fit (its size: the last checkpoint's, or the
+        state's bytes for the first), and warns when it leaves less than half of that spare."""
+        last = self._last_verified()
+        need = integrity.size(self.step_dir(last)) if last is not None else state_bytes
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise self._save_error(step, f"not enough space: a checkpoint takes {_gb(need)}")
+        if free < 1.5 * need:
+            log.warning("%s has %s free; a checkpoint takes %s: the disk is nearly full", self.directory, _gb(free), _gb(need))
+
+    def _save_error(self, step: int, what: str) -> CheckpointSaveError:
+        # Orbax's background threads may keep logging the same failure; one line is enough.
+        for name in ("absl", "orbax", "asyncio", "jax._src.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
+        last = self._last_verified()
+        then = (
+            f"the last complete checkpoint is step {last} (verified); the run resumes from it"
+            if last is not None
+            else "there is no complete checkpoint yet"
+        )
+        return CheckpointSaveError(
+            f"saving checkpoint step {step} to {self.directory}: {what}; {_gb(free)} free there. "
+            f"Free space (or fix the filesystem) and rerun: {then}"
+        )
+
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Finalises what is in flight and releases the manager."""
+        try:
+            self.finalize()
+        finally:
+            self.manager.close()
+
+
+def verify_report(workdir: str) -> tuple[str, bool]:
+    """A table of every step directory under WORKDIR/checkpoints and its state (verified, or what
+    is wrong; set-aside ones by name), and whether the newest step verifies. Reads only."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise UserError(f"{directory}: no checkpoint directory")
+    rows, newest_ok = [], None
+    names = sorted(os.listdir(directory), key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+    for name in names:
+        path = os.path.join(directory, name)
+        if not os.path.isdir(path):
+            continue
+        if not name.isdigit():
+            rows.append((name, "set aside" if name.split("-")[0] in ("torn", "corrupt") else "not a step", ""))
+            continue
+        if not _complete(path):
+            rows.append((name, "TORN (no commit marker)", ""))
+            newest_ok = False
+            continue
+        problems = integrity.verify(path)
+        state = (
+            "verified"
+            if not problems
+            else f"CORRUPT: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+        )
+        rows.append((name, state, _gb(integrity.size(path))))
+        newest_ok = not problems
+    width = max([len(r[0]) for r in rows] + [4])
+    lines = [f"{'step'.ljust(width)}  size      state"]
+    lines += [f"{r[0].ljust(width)}  {r[2].ljust(8)}  {r[1]}" for r in rows]
+    return "\n".join(lines), bool(newest_ok)

@@ -28,6 +28,7 @@ from idefics_jax.errors import UserError
 from idefics_jax.run_config import Run
 from idefics_jax.train import state as state_lib
 from idefics_jax.train.checkpointer import Checkpointer
+from idefics_jax.train.lock import WorkdirLock, WorkdirLocked
 from idefics_jax.train.metrics import Writer, model_flops_per_step
 from idefics_jax.train.step import make_eval_step, make_train_step
 
@@ -43,9 +44,20 @@ def train(config: ml_collections.ConfigDict | Run, workdir: str, devices: list |
     {final_step, last_loss, checkpoints, stopped_by_signal}. The config is validated first: every
     wrong field at once, as ConfigError."""
     run = run_config.parse(config)
-    tc = run.train
     lay = state_lib.layout(run, sharding.make_mesh(run.config.mesh, devices))
+    lock = _lock_workdir(workdir, run.train.lock_stale_after_s)
+    try:
+        return _train(run, lay, workdir, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(run: Run, lay: state_lib.Layout, workdir: str, lock: WorkdirLock | None) -> dict[str, Any]:
+    tc = run.train
     writer, ckpt = Writer(workdir), Checkpointer(workdir, tc)
+    if lock is not None and lock.took_over is not None:
+        writer.console(f"took over the stale workdir lock of {WorkdirLock.describe(lock.took_over)}")
     state, meta = _restore_or_init(run, lay, ckpt, writer)
     guards = Guards(tc.guards, meta.get("guards"))
     pipe = _open_pipeline(run, guards, meta.get("data"))
@@ -80,17 +92,20 @@ def train(config: ml_collections.ConfigDict | Run, workdir: str, devices: list |
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 ckpt.save(step, state, _train_state(run, step, state, pipe, guards), run.config)
                 saved = step
+            ckpt.poll()
+            if lock is not None:
+                lock.check()
             if stop.agreed():
                 if saved != step:
                     ckpt.save(step, state, _train_state(run, step, state, pipe, guards), run.config)
-                ckpt.wait()
+                ckpt.finalize()
                 writer.console(f"received signal {stop.signum}: saved checkpoint at step {step}, exiting")
                 break
     finally:
         stop.restore()
-        ckpt.close()
         pipe.close()
         writer.close()
+        ckpt.close()
     return {
         "final_step": step,
         "last_loss": meter.last.get("loss"),
@@ -99,12 +114,32 @@ def train(config: ml_collections.ConfigDict | Run, workdir: str, devices: list |
     }
 
 
-# Start: restore the newest checkpoint, or initialise ----------------------------------------------
+# Start: take the workdir, restore the newest verified checkpoint, or initialise ---------------------
+
+
+def _lock_workdir(workdir: str, stale_after_s: float) -> WorkdirLock | None:
+    """Process 0 holds the workdir lock; every process stops when it cannot be had."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = WorkdirLock(workdir, stale_after_s)
+        except WorkdirLocked as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if int(np.max(multihost_utils.process_allgather(np.int32(error is not None)))) and error is None:
+            if lock is not None:
+                lock.release()
+            raise WorkdirLocked(f"{workdir}: process 0 could not take the workdir lock (its log says why)")
+    if error is not None:
+        raise error
+    return lock
 
 
 def _restore_or_init(run: Run, lay: state_lib.Layout, ckpt: Checkpointer, writer: Writer) -> tuple[dict, dict]:
     """(train state, train_state JSON of the checkpoint, {} when starting fresh)."""
-    latest = ckpt.latest_step()
+    latest = ckpt.restorable_step(writer.console)
     with lay.activate():
         if latest is not None:
             _check_resumable(ckpt, latest, run, lay)
@@ -377,8 +412,8 @@ def _rollback(run: Run, lay, ckpt: Checkpointer, guards: Guards, pipe, step: int
     checkpoint yet (the spiking update was skipped in the step; training goes on).
     """
     g = run.train.guards
-    ckpt.wait()
-    target = ckpt.latest_step()
+    ckpt.finalize()
+    target = ckpt.restorable_step(writer.console)
     if target is None:
         writer.console(f"loss spike at step {step}: no checkpoint to roll back to yet; the update was skipped")
         return None
