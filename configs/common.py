@@ -97,7 +97,7 @@ def train_section() -> ml_collections.ConfigDict:
                 b2=0.999,
                 eps=1e-8,
                 weight_decay=0.1,
-                clip_norm=1.0,
+                clip_norm=1.0,  # global gradient norm threshold (0 = no clipping)
             ),
             checkpoint_every=250,
             keep_checkpoints=3,  # newest kept

@@ -192,7 +192,7 @@ TRAIN_SCHEMA: dict[str, Rule] = {
     "optimizer.b2": number(0, 1),
     "optimizer.eps": number(0, lo_open=True),
     "optimizer.weight_decay": number(0),
-    "optimizer.clip_norm": optional(number(0, lo_open=True)),
+    "optimizer.clip_norm": number(0),  # 0 = off (a command line cannot set a float field to None)
     "checkpoint_every": integer(1),
     "keep_checkpoints": integer(1),
     "keep_period": integer(0),
@@ -367,8 +367,21 @@ def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collectio
     try:
         fv(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        # ml_collections reports a mistyped override as AttributeError(KeyError(message with a hint)).
-        inner = e.args[0] if isinstance(e, AttributeError) and e.args else e
-        detail = " ".join(str(inner.args[0] if isinstance(inner, KeyError) and inner.args else inner).split())
+        unknown = [p for o in overrides if (p := _unknown_field(load(path), o.split("=", 1)[0]))] if overrides else []
+        if unknown:
+            raise ConfigError([f"config {path}: {p}" for p in unknown]) from None
+        detail = " ".join(str(e).split())
         raise ConfigError([f"config {path}: {detail}"]) from None
     return fv.config
+
+
+def _unknown_field(config: ml_collections.ConfigDict, dotted: str) -> str | None:
+    """'override a.b.c: no field c in a.b (did you mean …?)' when `dotted` names no field of `config`."""
+    node, parts = config, dotted.split(".")
+    for i, part in enumerate(parts):
+        if not _is_section(node) or part not in node:
+            where = ".".join(parts[:i]) or "the config"
+            known = list(node.keys()) if _is_section(node) else []
+            return f"override {dotted}: no field {part!r} in {where}{_did_you_mean(part, known)}"
+        node = node[part]
+    return None

@@ -123,8 +123,8 @@ class Checkpointer:
 
     def restorable_step(self, say: Callable[[str], None] | None = None) -> int | None:
         """The newest step that verifies; the ones that fail are set aside, each reported through
-        `say` (default: a logged warning) saying why. None when there is no checkpoint; UserError when
-        there are some and none verifies (never a silent start from scratch)."""
+        `say` (default: a logged warning) saying why. None when there is no checkpoint and none was ever
+        set aside; UserError when none verifies (never a silent start from scratch)."""
         say = say or log.warning
         bad = []
         for step in sorted(self.manager.all_steps(), reverse=True):
@@ -142,10 +142,13 @@ class Checkpointer:
             _sync(f"checkpoint {step} set aside")
         if bad:
             self.manager.reload()
+        # Set aside by this start or an earlier one: either way this run had checkpoints.
+        aside = sorted(n for n in os.listdir(self.directory) if n.startswith("corrupt-"))
+        if aside:
             raise UserError(
-                f"no checkpoint in {self.directory} verifies: steps {bad} failed (set aside as corrupt-<step>-<time>; "
-                "the messages above say which files). Refusing to start from scratch in a run that had checkpoints: "
-                "restore them from a copy, or use a new --workdir"
+                f"no checkpoint in {self.directory} verifies ({', '.join(aside)} failed verification"
+                f"{'; the messages above say which files' if bad else ''}). Refusing to start from scratch in a run "
+                "that had checkpoints: restore them from a copy, or use a new --workdir"
             )
         return None
 
@@ -216,7 +219,10 @@ class Checkpointer:
             self.manager.wait_until_finished()
             self.manager.check_for_errors()
         except Exception as e:
-            failed, self._pending = self._pending[-1], []  # abandoned: its temporary directory is tidied at the next start
+            failed, self._pending = (
+                self._pending[-1],
+                [],
+            )  # abandoned: its temporary directory is tidied at the next start
             raise self._save_error(failed, f"failed ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
         for step in self._pending:
             integrity.write_manifest(self.step_dir(step), jax.process_index(), jax.process_count())
@@ -244,7 +250,9 @@ class Checkpointer:
         if free < need:
             raise self._save_error(step, f"not enough space: a checkpoint takes {_gb(need)}")
         if free < 1.5 * need:
-            log.warning("%s has %s free; a checkpoint takes %s: the disk is nearly full", self.directory, _gb(free), _gb(need))
+            log.warning(
+                "%s has %s free; a checkpoint takes %s: the disk is nearly full", self.directory, _gb(free), _gb(need)
+            )
 
     def _save_error(self, step: int, what: str) -> CheckpointSaveError:
         # Orbax's background threads may keep logging the same failure; one line is enough.

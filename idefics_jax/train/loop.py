@@ -364,9 +364,9 @@ class Guards:
                 raise TrainingStopped(
                     f"{self.nonfinite_run} steps in a row had a non-finite loss or gradient "
                     f"(train.guards.max_nonfinite_in_a_row={self.cfg.max_nonfinite_in_a_row}); stopping. "
-                    "The skipped steps never reached the parameters, so the last checkpoint holds the "
-                    "state before them; lower the learning rate or skip the data range "
-                    "(data.skip_steps) and restart."
+                    "The skipped steps never reached the parameters, so the newest checkpoint holds the "
+                    "state from before them (a restart verifies it first; --verify_only checks it now); lower "
+                    "the learning rate or skip the data range (data.skip_steps) and restart."
                 )
             return
         self.nonfinite_run = 0

@@ -48,10 +48,10 @@ def _decays(owner: nnx.Module, leaf: str) -> bool:
 
 
 def optimizer(opt: ml_collections.ConfigDict, lr: optax.Schedule, decay_mask: Any) -> optax.GradientTransformation:
-    """Global-norm clipping (off when clip_norm is None) then AdamW on schedule `lr` with `decay_mask`
+    """Global-norm clipping (off when clip_norm is 0) then AdamW on schedule `lr` with `decay_mask`
     (a pytree of bools like the params)."""
     adamw = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=decay_mask)
-    if opt.clip_norm is None:
+    if opt.clip_norm == 0:
         return optax.chain(optax.identity(), adamw)  # same state structure as with clipping
     return optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw)
 
