@@ -93,10 +93,12 @@ def test_second_run_is_refused_then_kill9_of_the_holder_and_a_rerun_resumes_bit_
     # The holder evaluates every other step: the kill lands in a step, an evaluation or a save.
     holder = cli(tmp_path, *LONG, "--config.train.eval_every=2", "--config.train.eval_steps=2", wait=False)
     wait_for(lambda: logged_step(tmp_path) >= 1, "the first run's first step")
+    holder.send_signal(signal.SIGSTOP)  # held still while the second run tries, however slowly it starts
     t0 = time.time()
     line = one_line_error(*cli(tmp_path, *STEPS))
-    assert time.time() - t0 < 60
+    assert time.time() - t0 < 120
     assert f"run.lock is held by another run (host {os.uname().nodename}, pid {holder.pid}" in line, line
+    holder.send_signal(signal.SIGCONT)
     wait_for(lambda: logged_step(tmp_path) >= 6, "step 6")
     holder.kill()
     holder.communicate()
