@@ -212,3 +212,14 @@ def _check_shape(x: Any, shape: tuple[int, ...], name: str) -> jax.Array:
 def count_params(tree: Any) -> int:
     """Number of scalars in a tree of arrays / ShapeDtypeStructs / nnx Variables."""
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def abstract_model(config: IdeficsConfig) -> Idefics:
+    """`Idefics(config)` whose Variables hold jax.ShapeDtypeStructs (shapes and dtypes as the real
+    model's: params in `config.param_dtype`): nothing is allocated, so it works for 80B on a laptop."""
+    return nnx.eval_shape(lambda: Idefics(config, rngs=nnx.Rngs(0)))
+
+
+def abstract_state(config: IdeficsConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, abstract state) of `Idefics(config)`: `nnx.split(abstract_model(config))`."""
+    return nnx.split(abstract_model(config))

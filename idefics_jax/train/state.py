@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from idefics_jax import sharding
+from idefics_jax import models, sharding
 from idefics_jax.config import IdeficsConfig
 from idefics_jax.errors import UserError
 from idefics_jax.models import Idefics
@@ -110,7 +110,7 @@ def layout(run: Run | ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Lay
         if config.train.get("frozen_sharding_rules")
         else rules
     )
-    abstract_model = nnx.eval_shape(lambda: Idefics(model_config, rngs=nnx.Rngs(0)))
+    abstract_model = models.abstract_model(model_config)
     mask = {p: bool(v.get_value()) for p, v in nnx.to_flat_state(trainable_mask(abstract_model))}
     owners = {tuple(p): n for p, n in nnx.iter_graph(abstract_model) if isinstance(n, nnx.Module)}
     graphdef, params, frozen = nnx.split(abstract_model, lambda path, _: mask[tuple(path)], nnx.Param)
