@@ -351,7 +351,7 @@ def test_new_params_equal_eager_init_in_groups():
     }
     new = [p for p in fresh if cw.is_new(p)]
     groups = [new[:3], new[3:4], new[4:]]
-    got = dict(cw.new_params(config, 9, groups))
+    got = {path: value for group in groups for path, value in cw.new_params(config, 9, group)}
     assert sorted(got) == sorted(new)
     for p in new:
         np.testing.assert_allclose(got[p], np.asarray(fresh[p]), rtol=1e-6, atol=1e-9, err_msg=str(p))

@@ -89,15 +89,19 @@ def _np_dtype(name: str) -> np.dtype:
     return np.dtype(jnp.dtype(name))
 
 
-def _write_groups(writer, table, dtype: np.dtype, build: Callable[[list], Iterator[tuple[tuple[str, ...], Any]]]):
-    """Writes the parameters of `table` into `writer` group by group: `build(group of entries)` yields
-    (path, numpy array) for the group, which is then saved as one Orbax partial save.
+def _group_budget(entries, dtype: np.dtype) -> int:
+    """Bytes per Orbax partial save (and per jitted initialisation): up to the model's largest stacked
+    parameter, at least 64 MiB (fewer, larger saves), so peak memory stays about twice the largest
+    parameter whatever the model."""
+    return max(max(e.nbytes(dtype) for e in entries), 64 * 2**20)
 
-    A group holds up to the largest stacked parameter, at least 64 MiB (fewer, larger saves), so peak
-    memory is about twice the largest parameter whatever the model."""
+
+def _write_groups(writer, table, dtype: np.dtype, budget: int, build: Callable[[list], Iterator[tuple[Any, Any]]]):
+    """Writes the parameters of `table` into the ParamsWriter `writer`, cut by `hf.group_by_bytes` into
+    groups of `budget` bytes: `build(group of entries)` yields (path, numpy array) for the group, which
+    is then written as one Orbax partial save."""
     from idefics_jax import hf
 
-    budget = max(max(e.nbytes(dtype) for e in table), 64 * 2**20)
     for group in hf.group_by_bytes([(e, e.nbytes(dtype)) for e in table], budget):
         for path, value in build(group):
             writer.add(path, value)
@@ -129,7 +133,7 @@ def hf_to_jax(args) -> None:
     with atomic_output(args.out, args.overwrite) as tmp:
         writer = ckpt_format.ParamsWriter(tmp, 0)
         with _progress(len(hf.hf_shapes(table)), args.progress, "hf-to-jax") as bar:
-            _write_groups(writer, table, dtype, _read_from(reader, dtype, bar.update))
+            _write_groups(writer, table, dtype, _group_budget(table, dtype), _read_from(reader, dtype, bar.update))
         writer.finish({"model": config.to_dict(), "converted_from": {"hf": os.path.abspath(args.hf)}})
 
 
@@ -336,27 +340,25 @@ def check_llama(path: str, config) -> None:
     )
 
 
-def new_params(config, seed: int, groups: list[list[tuple[str, ...]]]) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+def new_params(config, seed: int, paths: list[tuple[str, ...]]) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """(path, numpy array) for the given parameters, equal to `Idefics(config, rngs=nnx.Rngs(seed))`'s
     (same random stream; the last bit may differ where XLA fuses the scale-and-cast).
 
-    The whole model's initialisation is traced under `jax.jit` but only the group's parameters are
-    outputs, so XLA drops every other initialiser: memory is the group, not the (80B) model.
+    The whole model's initialisation is traced under `jax.jit` but only these parameters are outputs,
+    so XLA drops every other initialiser: memory is these parameters, not the (80B) model.
     """
     import jax
     from flax import nnx
 
     from idefics_jax.models import Idefics
 
-    for group in groups:
+    def init():
+        state = nnx.state(Idefics(config, rngs=nnx.Rngs(seed)), nnx.Param)
+        flat = {tuple(str(k) for k in p): v for p, v in nnx.to_flat_state(state)}
+        return [flat[p].get_value() for p in paths]
 
-        def init(group=tuple(group)):
-            state = nnx.state(Idefics(config, rngs=nnx.Rngs(seed)), nnx.Param)
-            flat = {tuple(str(k) for k in p): v for p, v in nnx.to_flat_state(state)}
-            return [flat[p].get_value() for p in group]
-
-        for path, value in zip(group, jax.jit(init)()):
-            yield path, np.asarray(value)
+    for path, value in zip(paths, jax.jit(init)()):
+        yield path, np.asarray(value)
 
 
 def init(args) -> None:
@@ -382,12 +384,8 @@ def init(args) -> None:
     vision = [e for e in entries if e.path[0] == "vision_model"]
     text = [e for e in entries if e.path[0] != "vision_model" and not is_new(e.path)]
     new = [e for e in entries if is_new(e.path)]
-    clip_other = (
-        "text_model.",
-        "visual_projection.",
-        "text_projection.",
-        "logit_scale",
-    )  # a CLIPModel's non-vision part
+    # A CLIPModel's text tower and projections: there, but not taken.
+    clip_other = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
     hf.check_keys(
         clip,
         [from_clip(n) for n in hf.hf_shapes(vision)],
@@ -399,15 +397,16 @@ def init(args) -> None:
     with atomic_output(args.out, args.overwrite) as tmp:
         writer = ckpt_format.ParamsWriter(tmp, 0)
         with _progress(len(hf.hf_shapes(vision + text)) + len(new), args.progress, "init") as bar:
-            _write_groups(writer, vision, dtype, _read_from(clip, dtype, bar.update, from_clip))
-            _write_groups(writer, text, dtype, _read_from(llama, dtype, bar.update))
+            budget = _group_budget(entries, dtype)
+            _write_groups(writer, vision, dtype, budget, _read_from(clip, dtype, bar.update, from_clip))
+            _write_groups(writer, text, dtype, budget, _read_from(llama, dtype, bar.update))
 
             def initialise(group):
-                for path, value in new_params(config, seed, [[e.path for e in group]]):
+                for path, value in new_params(config, seed, [e.path for e in group]):
                     yield path, value
                     bar.update()
 
-            _write_groups(writer, new, dtype, initialise)
+            _write_groups(writer, new, dtype, budget, initialise)
         writer.finish(
             {
                 "model": config.to_dict(),
