@@ -175,7 +175,7 @@ def _flip_bytes(path, n=400):
 
 def test_corrupt_checkpoint_is_refused_in_one_line(saved, tmp_path):
     """The real CLI on one of our checkpoints with bytes flipped in its largest params data file: exit
-    status 1, one line naming the step and the file, no traceback, no output left."""
+    status 1, one line naming the step and the file, no traceback, no output left; `load` refuses it."""
     convert("hf-to-jax", "--hf", saved[1] / "single", "--out", tmp_path / "ckpt")
     files = [p for p in (tmp_path / "ckpt" / "0" / "params").rglob("*") if p.is_file()]
     largest = max(files, key=lambda p: p.stat().st_size)
@@ -190,6 +190,8 @@ def test_corrupt_checkpoint_is_refused_in_one_line(saved, tmp_path):
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert "step 0 failed verification" in lines[0] and largest.name in lines[0], lines[0]
     assert leftovers(tmp_path, "out") == []
+    with pytest.raises(ckpt_format.CheckpointCorrupt, match=largest.name):  # idefics_jax.load verifies too
+        idefics_jax.load(tmp_path / "ckpt")
 
 
 def test_out_is_refused_unless_overwrite_and_replaced_atomically(saved, tmp_path):
