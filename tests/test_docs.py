@@ -103,9 +103,7 @@ def _invocations() -> list[tuple[str, str, str]]:
 
 
 def _help_flags(argv: list[str]) -> set[str]:
-    proc = subprocess.run(
-        [sys.executable, *argv, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
-    )
+    proc = subprocess.run([sys.executable, *argv, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     text = proc.stdout + proc.stderr
     # absl's --help exits 1 after printing; argparse's exits 0.
     assert proc.returncode in (0, 1) and "--help" in text, f"{argv} --help failed:\n{text[-3000:]}"
@@ -155,7 +153,9 @@ def test_config_overrides_shown_name_config_fields(cli):
             continue
         config = re.search(r"--config[ =]([\w./-]+\.py)", command)
         overrides = [
-            f"{m.group(2)[1:]}={m.group(3) or ''}" for m in FLAG.finditer(command) if m.group(1) == "config" and m.group(2)
+            f"{m.group(2)[1:]}={m.group(3) or ''}"
+            for m in FLAG.finditer(command)
+            if m.group(1) == "config" and m.group(2)
         ]
         if not config or not overrides or not os.path.exists(os.path.join(ROOT, config.group(1))):
             continue

@@ -8,7 +8,6 @@ full, bad config values, a changed data order.
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -27,11 +26,13 @@ STEPS = ["--config.train.steps=12", "--config.train.checkpoint_every=4", "--conf
 LONG = ["--config.train.steps=1000", *STEPS[1:]]
 
 
-def cli(workdir, *overrides, wait=True, **popen):
-    """Runs `python -m idefics_jax.train` on configs/tiny.py (no eval unless asked) in `workdir`; with `wait`,
-    returns (exit code, stdout+stderr), else the Popen."""
-    cmd = [sys.executable, "-m", "idefics_jax.train", "--config", os.path.join(ROOT, "configs", "tiny.py")]
-    no_eval = [] if any(o.startswith("--config.train.eval_every=") for o in overrides) else ["--config.train.eval_every=0"]
+def cli(workdir, *overrides, wait=True, prefix=(), **popen):
+    """Runs `python -m idefics_jax.train` on configs/tiny.py (no eval unless asked) in `workdir`, after
+    the command words `prefix`; with `wait`, returns (exit code, stdout+stderr), else the Popen."""
+    cmd = [*prefix, sys.executable, "-m", "idefics_jax.train", "--config", os.path.join(ROOT, "configs", "tiny.py")]
+    no_eval = (
+        [] if any(o.startswith("--config.train.eval_every=") for o in overrides) else ["--config.train.eval_every=0"]
+    )
     cmd += ["--workdir", str(workdir), *no_eval, *overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
     if not wait:
@@ -99,7 +100,8 @@ def test_second_run_is_refused_then_kill9_of_the_holder_and_a_rerun_resumes_bit_
     assert time.time() - t0 < 120
     assert f"run.lock is held by another run (host {os.uname().nodename}, pid {holder.pid}" in line, line
     holder.send_signal(signal.SIGCONT)
-    wait_for(lambda: logged_step(tmp_path) >= 6, "step 6")
+    verified = tmp_path / "checkpoints" / "4" / "manifest.process_0.json"
+    wait_for(lambda: logged_step(tmp_path) >= 6 and os.path.exists(verified), "step 6 and a verified checkpoint 4")
     holder.kill()
     holder.communicate()
     assert logged_step(tmp_path) < 12
@@ -180,17 +182,35 @@ def test_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_pre
 ):
     ckpts, straight = copy_of(two_checkpoints, tmp_path)
     damage(ckpts / "8")
-    said = []
-    checkpointer = checkpointer_lib.Checkpointer(str(tmp_path), tiny(8).train)
-    try:
-        assert checkpointer.restorable_step(said.append) == 4
-    finally:
-        checkpointer.close()
+    step, said = restorable(tmp_path)
+    assert step == 4
     assert "checkpoint step 8 failed verification" in said[0] and "set aside as" in said[0]
     assert [d for d in os.listdir(ckpts) if d.startswith("corrupt-8-")]
     train(tiny(8), str(tmp_path))
     assert [r["step"] for r in records(tmp_path / "metrics.jsonl")][-4:] == [5, 6, 7, 8]
     assert losses(tmp_path) == straight  # steps 5..8 again, equal to the run that was never damaged
+
+
+def restorable(workdir) -> tuple[int | None, list[str]]:
+    said = []
+    checkpointer = checkpointer_lib.Checkpointer(str(workdir), tiny(8).train)
+    try:
+        return checkpointer.restorable_step(said.append), said
+    finally:
+        checkpointer.close()
+
+
+def test_a_step_killed_between_commit_and_manifest_is_passed_over_or_adopted(tmp_path, two_checkpoints):
+    ckpts, _ = copy_of(two_checkpoints, tmp_path)
+    os.remove(ckpts / "8" / "manifest.process_0.json")
+    step, said = restorable(tmp_path)
+    assert step == 4 and "step 8 was committed but its manifest was never written" in said[0], said
+    assert [d for d in os.listdir(ckpts) if d.startswith("unverified-8-")]
+    # With no older step that verifies, the newest committed one is used, saying so.
+    os.remove(ckpts / "4" / "manifest.process_0.json")
+    step, said = restorable(tmp_path)
+    assert step == 4 and "using it unverified" in said[0], said
+    assert restorable(tmp_path) == (4, [])  # its manifest now written
 
 
 def test_all_checkpoints_corrupt_refuses_to_start_in_one_line_also_on_the_next_try(tmp_path, two_checkpoints):
@@ -247,15 +267,14 @@ def test_no_space_for_the_next_checkpoint_stops_before_writing(tmp_path, two_che
     assert "0.0 MB free there" in message and "the last complete checkpoint is step 8 (verified)" in message
 
 
-def _limit_file_size():
-    # Every file this process writes stops growing at 64 KB (EFBIG), as on a full disk.
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+# Every file the run writes stops growing at 64 KB (EFBIG), as writes fail on a full disk.
+LIMIT_FILE_SIZE = ("bash", "-c", 'ulimit -f 64 && exec "$@"', "bash")
 
 
 def test_failed_write_during_an_async_save_exits_1_in_one_line_then_a_rerun_resumes(tmp_path, two_checkpoints):
     copy_of(two_checkpoints, tmp_path)
     steps = ["--config.train.steps=12", "--config.train.log_every=1"]
-    proc = cli(tmp_path, *steps, wait=False, preexec_fn=_limit_file_size)
+    proc = cli(tmp_path, *steps, wait=False, prefix=LIMIT_FILE_SIZE)
     out, _ = proc.communicate(timeout=600)
     line = one_line_error(proc.returncode, out)
     assert line.startswith(f"train: error: saving checkpoint step 12 to {tmp_path / 'checkpoints'}: failed"), line

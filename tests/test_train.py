@@ -204,7 +204,9 @@ def test_resume_refuses_a_changed_data_order_or_model(tmp_path):
     changed = tiny(steps=3, checkpoint_every=2, log_every=100)
     changed.data.seed = 7
     changed.data.mixture_block_rows = 3
-    with pytest.raises(ValueError, match=r"data order would change \(data.mixture_block_rows: \d+ → 3, data.seed: 0 → 7\)"):
+    with pytest.raises(
+        ValueError, match=r"data order would change \(data.mixture_block_rows: \d+ → 3, data.seed: 0 → 7\)"
+    ):
         train(changed, str(tmp_path))
     other = tiny(steps=3)
     other.model.rms_norm_eps = 1e-5

@@ -123,25 +123,40 @@ class Checkpointer:
 
     def restorable_step(self, say: Callable[[str], None] | None = None) -> int | None:
         """The newest step that verifies; the ones that fail are set aside, each reported through
-        `say` (default: a logged warning) saying why. None when there is no checkpoint and none was ever
-        set aside; UserError when none verifies (never a silent start from scratch)."""
+        `say` (default: a logged warning) saying why. A step Orbax committed whose manifest was never
+        written (the run died in between) is set aside as `unverified-…` when an older step verifies,
+        and adopted (its manifest written now, with a warning) when none does. None when there is no
+        checkpoint and none was ever set aside as corrupt; UserError when none verifies (never a
+        silent start from scratch)."""
         say = say or log.warning
-        bad = []
+        bad, unverified = [], []
         for step in sorted(self.manager.all_steps(), reverse=True):
+            if not integrity.has_manifest(self.step_dir(step)):
+                unverified.append(step)
+                continue
             index, count = jax.process_index(), jax.process_count()
             problems = integrity.verify(self.step_dir(step), (index, count))
             if not _any_process(bool(problems)):
-                if bad:
+                for newer in unverified:
+                    self._set_aside(newer, "unverified", "was committed but its manifest was never written", say)
+                if bad or unverified:
                     self.manager.reload()
                 return step
-            if jax.process_index() == 0:
-                where = _set_aside(self.directory, step, "corrupt")
-                more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-                say(f"checkpoint step {step} failed verification: {problems[0]}{more}; set aside as {where}")
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            detail = problems[0] + more if problems else "another process found the difference (its log names the file)"
+            self._set_aside(step, "corrupt", f"failed verification: {detail}", say)
             bad.append(step)
-            _sync(f"checkpoint {step} set aside")
         if bad:
             self.manager.reload()
+        if unverified:
+            step = unverified[0]
+            integrity.write_manifest(self.step_dir(step), jax.process_index(), jax.process_count())
+            _sync("manifest of an unverified step written")
+            say(
+                f"checkpoint step {step} was committed but its manifest was never written (the run stopped in "
+                "between) and no older step verifies: using it unverified (its manifest is written now)"
+            )
+            return step
         # Set aside by this start or an earlier one: either way this run had checkpoints.
         aside = sorted(n for n in os.listdir(self.directory) if n.startswith("corrupt-"))
         if aside:
@@ -151,6 +166,13 @@ class Checkpointer:
                 "that had checkpoints: restore them from a copy, or use a new --workdir"
             )
         return None
+
+    def _set_aside(self, step: int, kind: str, why: str, say: Callable[[str], None]) -> None:
+        """Process 0 renames `step` to `<kind>-<step>-<time>` and says why; everyone waits for it."""
+        if jax.process_index() == 0:
+            where = _set_aside(self.directory, step, kind)
+            say(f"checkpoint step {step} {why}; set aside as {where}")
+        _sync(f"checkpoint {step} set aside")
 
     def restore(self, step: int, lay: Layout) -> tuple[dict[str, Any], dict[str, Any]]:
         """(train state placed with `lay`'s shardings — any mesh —, train_state JSON) of a verified `step`."""

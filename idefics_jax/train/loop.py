@@ -179,9 +179,9 @@ def _check_same_model(path: str, saved: dict, ours: IdeficsConfig, what: str) ->
 
 def _init_from(path: str, lay: state_lib.Layout):
     """Full params from a converted (or any) checkpoint whose model architecture equals ours."""
-    step, saved = fmt.read_config(path)
+    step, saved = fmt.read_config(path, verify=True)
     _check_same_model(path, saved, lay.model_config, "train.init_from")
-    return fmt.restore_params(path, lay.abstract_params(), step, lay.params_shardings()), step
+    return fmt.restore_params(path, lay.abstract_params(), step, lay.params_shardings(), verify=False), step
 
 
 def _check_resumable(ckpt: Checkpointer, step: int, run: Run, lay: state_lib.Layout) -> None:
