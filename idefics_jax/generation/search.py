@@ -40,18 +40,24 @@ NEG = -1.0e9  # transformers' "impossible" beam score
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """The static part of a generation request (one compiled program per distinct value)."""
+    """A generation request's settings. All but temperature / top_k / top_p are static (one
+    compiled program per distinct value); those three are the program's arguments (`warp_args`),
+    so changing them does not recompile."""
 
     max_new_tokens: int
     num_beams: int = 1
     do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    temperature: float = dataclasses.field(default=1.0, compare=False)
+    top_k: int = dataclasses.field(default=0, compare=False)
+    top_p: float = dataclasses.field(default=1.0, compare=False)
     length_penalty: float = 1.0
     bad_words: tuple[tuple[int, ...], ...] = ()
     eos: tuple[int, ...] = ()
     pad: int = 0
+
+    def warp_args(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """temperature float32, top_k int32, top_p float32 scalars, the dynamic arguments of `_warp`."""
+        return np.float32(self.temperature), np.int32(self.top_k), np.float32(self.top_p)
 
     @property
     def fill(self) -> int:
@@ -128,51 +134,45 @@ def generate(
     pixel_values: Any = None,
     image_attention_mask: Any = None,
     attention_mask: Any = None,
-    *,
-    max_new_tokens: int,
-    num_beams: int = 1,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    length_penalty: float = 1.0,
-    bad_words_ids: Sequence[Sequence[int]] | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    seed: int = 0,
+    **kwargs,
 ) -> np.ndarray:
     """The prompt followed by `max_new_tokens` generated tokens, as transformers' `generate`.
 
     Inputs in HF's layouts (`data.Processor`'s output; left padding), numpy or jax:
     input_ids int [B, T]; pixel_values float [B, N, C, H, W] or None (text only); image_attention_mask
     int/bool [B, T, N] (required with pixel_values); attention_mask int/bool [B, T] (default all 1).
-    Greedy by default; `num_beams > 1` beam search (`length_penalty`, early_stopping=False);
-    `do_sample` samples after temperature / top-k (0 = off) / top-p, reproducibly from `seed`.
-    `eos_token_id` an int or a list; `bad_words_ids` a list of token-id lists. With a model placed
-    on a mesh, the program (caches included) runs sharded on that mesh.
+    Keyword arguments (`options`): max_new_tokens (required); greedy by default; num_beams > 1 beam
+    search (length_penalty, early_stopping=False); do_sample samples after temperature / top_k
+    (0 = off) / top_p, reproducibly from `seed` (default 0); eos_token_id an int or a list;
+    bad_words_ids a list of token-id lists; pad_token_id. With a model placed on a mesh, the
+    program (caches included) runs sharded on that mesh.
     Returns int32 numpy [B, T + max_new_tokens] (see the module docstring for the fill after EOS).
     """
+    return prepare(model, input_ids, pixel_values, image_attention_mask, attention_mask, **kwargs)()
+
+
+def prepare(
+    model: Idefics,
+    input_ids: Any,
+    pixel_values: Any = None,
+    image_attention_mask: Any = None,
+    attention_mask: Any = None,
+    *,
+    seed: int = 0,
+    **kwargs,
+):
+    """`generate`'s arguments checked and its program compiled (ahead of time, or found in jit's
+    cache); returns a function of no arguments that runs it and returns `generate`'s result, so
+    callers can time compilation and generation apart. UserError on bad arguments."""
     cfg = model.config
-    opts = options(
-        cfg,
-        max_new_tokens=max_new_tokens,
-        num_beams=num_beams,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        length_penalty=length_penalty,
-        bad_words_ids=bad_words_ids,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-    )
+    opts = options(cfg, **kwargs)
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise UserError(f"input_ids has shape {ids.shape} and dtype {ids.dtype}; expected int [batch, seq_len]")
     b, t = ids.shape
-    if t + max_new_tokens > cfg.max_position_embeddings:
+    if t + opts.max_new_tokens > cfg.max_position_embeddings:
         raise UserError(
-            f"prompt of {t} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+            f"prompt of {t} tokens + max_new_tokens={opts.max_new_tokens} exceeds the model's "
             f"max_position_embeddings={cfg.max_position_embeddings}"
         )
     am = np.ones((b, t), bool) if attention_mask is None else _shaped(attention_mask, (b, t), "attention_mask")
@@ -189,9 +189,22 @@ def generate(
     elif image_attention_mask is not None:
         raise UserError("image_attention_mask given without pixel_values")
     graphdef, state = nnx.split(model)
-    with _mesh_of(state):
-        out = _program(graphdef, opts, state, ids.astype(np.int32), am, pixels, iam, jax.random.key(seed))
-    return np.asarray(out)
+    args = (state, ids.astype(np.int32), am, pixels, iam, jax.random.key(seed), opts.warp_args())
+    signature = (graphdef, opts, jax.tree.structure(args), tuple(_aval(x) for x in jax.tree.leaves(args)))
+    compiled = _compiled.get(signature)
+    if compiled is None:
+        with _mesh_of(state):
+            compiled = _compiled[signature] = _program.lower(graphdef, opts, *args).compile()
+    return lambda: np.asarray(compiled(*args))
+
+
+# Compiled programs by (structure, options, argument shapes/dtypes/shardings): `lower().compile()`
+# bypasses jit's own cache, and a request must not recompile what an earlier one compiled.
+_compiled: dict = {}
+
+
+def _aval(x: Any) -> tuple:
+    return (np.shape(x), str(x.dtype), getattr(x, "sharding", None))
 
 
 def _shaped(x: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
@@ -233,24 +246,22 @@ def _ban_bad_words(scores: jax.Array, seqs: jax.Array, cur: jax.Array, opts: Opt
     return jnp.where(banned, -jnp.inf, scores)
 
 
-def _warp(scores: jax.Array, opts: Options) -> jax.Array:
-    """Temperature, then top-k, then top-p on float32 scores [R, V] (transformers' warpers)."""
-    if opts.temperature != 1.0:
-        scores = scores / opts.temperature
-    if opts.top_k:
-        kth = jax.lax.top_k(scores, min(opts.top_k, scores.shape[-1]))[0][:, -1:]
-        scores = jnp.where(scores < kth, -jnp.inf, scores)
-    if opts.top_p < 1.0:
-        order = jnp.argsort(scores, axis=-1)  # ascending, as transformers sorts
-        ascending = jnp.take_along_axis(scores, order, axis=-1)
-        cum = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
-        drop = (cum <= 1 - opts.top_p).at[:, -1].set(False)
-        drop = jnp.zeros_like(drop).at[jnp.arange(drop.shape[0])[:, None], order].set(drop)
-        scores = jnp.where(drop, -jnp.inf, scores)
-    return scores
+def _warp(scores: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Temperature, then top-k (0 = off; ties with the k-th kept), then top-p (1 = off) on float32
+    scores [R, V], as transformers' warpers; the settings are traced scalars."""
+    scores = scores / temperature  # x / 1.0 is x: transformers skipping T = 1 changes nothing
+    vocab = scores.shape[-1]
+    ascending = jnp.sort(scores, axis=-1)
+    kth = jnp.take(ascending, vocab - jnp.clip(top_k, 1, vocab), axis=-1)[:, None]
+    scores = jnp.where((top_k > 0) & (scores < kth), -jnp.inf, scores)
+    order = jnp.argsort(scores, axis=-1)  # ascending, as transformers sorts
+    cum = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(scores, order, axis=-1), axis=-1), axis=-1)
+    drop = (cum <= 1 - top_p).at[:, -1].set(False)
+    drop = jnp.zeros_like(drop).at[jnp.arange(drop.shape[0])[:, None], order].set(drop)
+    return jnp.where((top_p < 1) & drop, -jnp.inf, scores)
 
 
-def _run(graphdef, opts: Options, state, ids, am, pixels, iam, key) -> jax.Array:
+def _run(graphdef, opts: Options, state, ids, am, pixels, iam, key, warp) -> jax.Array:
     """The whole request as one program: int32 [B, T + max_new_tokens] (see `generate`)."""
     model = nnx.merge(graphdef, state)
     t = ids.shape[1]
@@ -282,17 +293,17 @@ def _run(graphdef, opts: Options, state, ids, am, pixels, iam, key) -> jax.Array
 
     seqs = jnp.full((ids.shape[0], length), opts.fill, jnp.int32).at[:, :t].set(ids)
     search = _beam_search if nb > 1 else _greedy_or_sample
-    return search(opts, logits, cache, seqs, t, step, key)
+    return search(opts, logits, cache, seqs, t, step, key, warp)
 
 
-def _greedy_or_sample(opts: Options, logits, cache, seqs, t, step, key) -> jax.Array:
+def _greedy_or_sample(opts: Options, logits, cache, seqs, t, step, key, warp) -> jax.Array:
     eos = jnp.asarray(opts.eos or (-1,), jnp.int32)
 
     def choose(logits, seqs, unfinished, i):
         cur = t + i
         scores = _ban_bad_words(logits, seqs, cur, opts)
         if opts.do_sample:
-            nxt = jax.random.categorical(jax.random.fold_in(key, i), _warp(scores, opts), axis=-1)
+            nxt = jax.random.categorical(jax.random.fold_in(key, i), _warp(scores, *warp), axis=-1)
         else:
             nxt = jnp.argmax(scores, axis=-1)
         nxt = jnp.where(unfinished, nxt.astype(jnp.int32), opts.pad)
@@ -312,7 +323,8 @@ def _greedy_or_sample(opts: Options, logits, cache, seqs, t, step, key) -> jax.A
     return seqs
 
 
-def _beam_search(opts: Options, logits, cache, seqs, t, step, key) -> jax.Array:
+def _beam_search(opts: Options, logits, cache, seqs, t, step, key, warp) -> jax.Array:
+    del key, warp  # beam search is deterministic (`options` refuses beam sampling)
     nb, m = opts.num_beams, opts.max_new_tokens
     r, length = seqs.shape
     b = r // nb
