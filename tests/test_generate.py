@@ -207,3 +207,79 @@ def test_bad_arguments_are_user_errors(kwargs, message):
     _, ours = _model("float-interval2-noresampler-untied")
     with pytest.raises(UserError, match=message):
         idefics_jax.generate(ours, np.ones((1, 4), np.int32), **kwargs)
+
+
+# The command line (in-process: the process boundary is not what is tested) ---------------------
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    """An HF model directory whose vocabulary is the bundled tiny tokenizer's, the tokenizer, a
+    bundled-style image (a coloured shape) and a file that is no image."""
+    import random
+
+    from idefics_jax.data import tiny
+
+    root = tmp_path_factory.mktemp("cli")
+    model = hf_model(hf_config(vocab_size=tiny.TINY_VOCAB_SIZE, additional_vocab_size=2), seed=4)
+    model.save_pretrained(root / "hf")
+    image, _ = tiny.draw(random.Random(0))
+    image.save(root / "shape.png")
+    (root / "broken.png").write_bytes(b"\x89PNG not really")
+    return dict(model=model, hf=str(root / "hf"), tokenizer=tiny.ensure()["tokenizer"], root=root)
+
+
+def _cli(argv, capsys):
+    from idefics_jax.generation import cli
+
+    try:
+        answer = cli.run(argv)
+        code = 0
+    except SystemExit as e:
+        answer, code = None, e.code
+    out, err = capsys.readouterr()
+    return answer, code, out, err
+
+
+def test_cli_answer_equals_transformers(cli_files, capsys):
+    from idefics_jax.data import Processor
+
+    f = cli_files
+    argv = ["--hf", f["hf"], "--tokenizer", f["tokenizer"], "--image", str(f["root"] / "shape.png")]
+    argv += ["--prompt", "a picture of", "--max-new-tokens", "8"]
+    answer, code, out, err = _cli(argv, capsys)
+    assert code == 0 and out.strip() == answer and "ms/token" in err
+    processor = Processor(f["tokenizer"], image_size=28)
+    from PIL import Image
+
+    batch = processor([[Image.open(f["root"] / "shape.png"), "a picture of"]])
+    tok = processor.tokenizer
+    with torch.no_grad():
+        ref = f["model"].generate(
+            **{k: torch.from_numpy(v.astype(np.int64) if v.dtype == np.int32 else v) for k, v in batch.items()},
+            max_new_tokens=8,
+            bad_words_ids=[[processor.image_token_id], [processor.fake_token_id]],
+            eos_token_id=[tok.eos_token_id],
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )
+    expected = tok.decode(ref[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    assert answer == expected
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--image", "missing.png"], "--image missing.png: no such file"),
+        (["--image", "{root}/broken.png"], "cannot be read as an image"),
+        (["--ckpt", "{root}/no-such-ckpt"], "--ckpt {root}/no-such-ckpt: no such directory"),
+        (["--max-new-tokens", "5000"], "exceeds the model's max_position_embeddings=1024"),
+    ],
+    ids=["missing-image", "undecodable-image", "unknown-checkpoint", "too-long"],
+)
+def test_cli_bad_input_is_one_line(cli_files, capsys, change, message):
+    f = cli_files
+    change = [c.format(root=f["root"]) for c in change]
+    src = [] if "--ckpt" in change else ["--hf", f["hf"]]
+    argv = [*src, "--tokenizer", f["tokenizer"], "--prompt", "a picture of", *change]
+    _, code, _, err = _cli(argv, capsys)
+    assert code == 1 and err.count("\n") == 1 and message.format(root=f["root"]) in err, err
