@@ -283,3 +283,14 @@ def test_cli_bad_input_is_one_line(cli_files, capsys, change, message):
     argv = [*src, "--tokenizer", f["tokenizer"], "--prompt", "a picture of", *change]
     _, code, _, err = _cli(argv, capsys)
     assert code == 1 and err.count("\n") == 1 and message.format(root=f["root"]) in err, err
+
+
+def test_generate_stays_callable_after_importing_the_cli_module():
+    """`import idefics_jax.generate` (the `python -m` entry) rebinds the package attribute to the
+    module; calling it must still be the function."""
+    import importlib
+
+    importlib.import_module("idefics_jax.generate")
+    _, ours = _model("float-interval2-noresampler-untied")
+    with pytest.raises(UserError, match="max_new_tokens=0"):
+        idefics_jax.generate(ours, np.ones((1, 4), np.int32), max_new_tokens=0)
