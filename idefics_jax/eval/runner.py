@@ -250,7 +250,7 @@ def _batch(processor, prompt_list: list, batch_size: int, n_images: int) -> dict
     rows = list(prompt_list) or [[processor.tokenizer.bos_token]]
     rows += [rows[0]] * (batch_size - len(rows))
     enc = processor(rows)
-    b, t = enc["input_ids"].shape
+    t = enc["input_ids"].shape[1]
     pad_t = -t % LENGTH_BUCKET
     n = max(n_images, enc["pixel_values"].shape[1])
     pad_n = n - enc["pixel_values"].shape[1]
