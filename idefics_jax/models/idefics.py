@@ -194,6 +194,11 @@ class Idefics(nnx.Module):
         cos, sin = L.rotary(position_ids, cfg.head_dim, cfg.rope_theta)
         ctx = Context(cos, sin, mask, mask.any(-1)[:, 0], image_states, image_mask, image_live)
         h = L.scan(self.blocks, lambda blk, x: blk(x, ctx), h, "none")
+        return self.logits(h)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """The last block's output h [B, T, D] → float32 logits [B, T, V + A] (final norm, then the
+        head or, tied, the embedding transposed)."""
         h = self.norm(h)
         if self.lm_head is not None:
             return self.lm_head(h)
