@@ -155,3 +155,75 @@ def test_rices_puts_the_most_similar_last():
     q /= np.linalg.norm(q)
     r = demos.Rices(train, feats, {"q": q})
     assert [e.id for e in r(0, tasks.Example(id="q", image="q.jpg"), 3)] == [2, 1, 0]
+
+
+# --- the runner and the CLI on the tiny tasks ---------------------------------------------------------
+
+
+def _tiny_vqa_copy(src: str, dst, seed: int = 1, num_samples: int = 6) -> tuple[str, str]:
+    """The tiny VQAv2 task copied, with the image of the first test example that `seed` draws
+    (as the runner draws them) corrupted; returns (data dir, that image)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    test = tasks.get("vqav2").read(str(dst)).test
+    image = test[np.random.default_rng(seed).choice(len(test), size=num_samples, replace=False)[0]].image
+    with open(image, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 not a jpeg")
+    return str(dst), image
+
+
+def test_bad_input_is_one_user_error_before_any_model_call(tiny_tasks, tmp_path):
+    from idefics_jax.eval import evaluate
+
+    processor = Processor(tiny_tasks["tokenizer"], image_size=32)
+    with pytest.raises(UserError, match=r"vqav2: 500 demonstrations .* has 192"):
+        evaluate(None, processor, "vqav2", tiny_tasks["vqav2"], shots=[500])
+    data, _ = _tiny_vqa_copy(tiny_tasks["vqav2"], tmp_path / "vqa")
+    missing = tasks.get("vqav2").read(data).train[5].image
+    os.remove(missing)
+    with pytest.raises(UserError, match=f"{missing}: image not found"):
+        evaluate(None, processor, "vqav2", data, shots=[0])
+
+
+def _random_checkpoint(directory) -> None:
+    from flax import nnx
+
+    from idefics_jax import run_config
+    from idefics_jax.ckpt_format import ParamsWriter
+    from idefics_jax.models import Idefics
+
+    config = run_config.parse(run_config.load(os.path.join(ROOT, "configs", "tiny.py"))).model
+    model = Idefics(config, rngs=nnx.Rngs(0))
+    writer = ParamsWriter(directory, 0, 1 << 30)
+    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        writer.add(tuple(str(p) for p in path), np.asarray(v.get_value()))
+    writer.finish({"model": config.to_dict()})
+
+
+def _cli(*args):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run(
+        [sys.executable, "-m", "idefics_jax.eval", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def test_cli_on_the_tiny_task_skips_a_corrupt_image(tiny_tasks, tmp_path):
+    _random_checkpoint(tmp_path / "ckpt")
+    data, corrupt = _tiny_vqa_copy(tiny_tasks["vqav2"], tmp_path / "vqa")
+    common = ["--ckpt", str(tmp_path / "ckpt"), "--tokenizer", tiny_tasks["tokenizer"], "--data", data]
+    r = _cli(*common, "--task", "vqav2", "--shots", "0,2", "--num-samples", "6", "--batch-size", "4",
+             "--seeds", "1,2", "--output", str(tmp_path / "out"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["vqav2"]
+    assert set(results) == {"0", "2"} and set(results["2"]["scores"]) == {"1", "2"}
+    assert results["0"]["metric"] == "VQA accuracy" and "vqav2" in r.stdout
+    # An untrained model answers nothing right; the corrupt image is skipped whenever it is drawn.
+    assert results["0"]["mean"] < 20
+    records = json.loads((tmp_path / "out" / "predictions-vqav2-2shot-seed1.json").read_text())
+    assert records[0]["prompt"].count("<image>") == 3 and len(records[0]["references"]) == 10
+    # Seed 1 draws the corrupt image first: skipped and counted at every number of shots, never scored.
+    assert all(r["skipped"].get("image_undecodable", 0) >= 1 for r in results.values())
+    assert len(records) < 6 and os.path.isfile(corrupt)
+    r = _cli(*common, "--task", "cocoo", "--output", str(tmp_path / "out"))
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "unknown task 'cocoo'" in r.stderr

@@ -102,6 +102,9 @@ def evaluate(
         )
     if not split.test:
         raise UserError(f"{task.name}: the test split in {data_dir} is empty")
+    missing = [ex.image for ex in split.train + split.test if not os.path.isfile(ex.image)]
+    if missing:  # found before any model work, not hours into a run
+        raise UserError(f"{missing[0]}: image not found ({len(missing)} of {task.name}'s images are missing)")
     selector_rices = _rices(model, processor, task, split, batch_size, cache_dir, model_id) if rices else None
     out: dict[str, Any] = {}
     for k in shots:

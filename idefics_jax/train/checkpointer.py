@@ -216,7 +216,10 @@ class Checkpointer:
             self.manager.wait_until_finished()
             self.manager.check_for_errors()
         except Exception as e:
-            failed, self._pending = self._pending[-1], []  # abandoned: its temporary directory is tidied at the next start
+            failed, self._pending = (
+                self._pending[-1],
+                [],
+            )  # abandoned: its temporary directory is tidied at the next start
             raise self._save_error(failed, f"failed ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
         for step in self._pending:
             integrity.write_manifest(self.step_dir(step), jax.process_index(), jax.process_count())
@@ -244,7 +247,9 @@ class Checkpointer:
         if free < need:
             raise self._save_error(step, f"not enough space: a checkpoint takes {_gb(need)}")
         if free < 1.5 * need:
-            log.warning("%s has %s free; a checkpoint takes %s: the disk is nearly full", self.directory, _gb(free), _gb(need))
+            log.warning(
+                "%s has %s free; a checkpoint takes %s: the disk is nearly full", self.directory, _gb(free), _gb(need)
+            )
 
     def _save_error(self, step: int, what: str) -> CheckpointSaveError:
         # Orbax's background threads may keep logging the same failure; one line is enough.
