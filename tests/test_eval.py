@@ -227,3 +227,16 @@ def test_cli_on_the_tiny_task_skips_a_corrupt_image(tiny_tasks, tmp_path):
     assert len(records) < 6 and os.path.isfile(corrupt)
     r = _cli(*common, "--task", "cocoo", "--output", str(tmp_path / "out"))
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "unknown task 'cocoo'" in r.stderr
+
+
+def test_in_training_eval_is_logged(tiny_tasks, tmp_path):
+    from testlib import load_config, records
+
+    from idefics_jax.train.loop import train
+
+    config = load_config("tiny", "train.steps=2", "train.checkpoint_every=100", "train.eval_every=0")
+    config.train.eval_tasks = [dict(task="vqav2", data=tiny_tasks["vqav2"], shots=[0], num_samples=4, every=2)]
+    train(config, str(tmp_path))
+    logged = [r for r in records(tmp_path / "metrics.jsonl") if "eval/vqav2/0shot" in r]
+    assert [r["step"] for r in logged] == [2] and 0 <= logged[0]["eval/vqav2/0shot"] <= 100
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
