@@ -3,7 +3,8 @@ format, and the tiny captioning / VQA tasks evaluated during training.
 
     python -m idefics_jax.train --config configs/tiny_eval.py
 
-trains 800 steps (workdir ./workdir/tiny_eval) on the tiny mixture with 40% of the rows drawn from
+trains 800 steps (workdir ./workdir/tiny_eval; about 6 s a step on a busy 2-core CPU, so run it
+where there are more cores) on the tiny mixture with 40% of the rows drawn from
 few-shot documents ("<image>Caption: a red circle\\n<image>Question: What shape is this? Answer:
 circle\\n" ...); every 400 steps it scores the tiny COCO (CIDEr) and VQAv2 (VQA accuracy) tasks at 0
 and 4 shots, logged as eval/coco/0shot ... in metrics.jsonl and TensorBoard. Sequences are 256
@@ -12,7 +13,7 @@ tokens long: a 4-shot VQA prompt is about 170 tiny-tokenizer tokens. Evaluate th
     python -m idefics_jax.eval --ckpt workdir/tiny_eval/checkpoints --tokenizer <tiny>/tokenizer \\
         --task coco --data <tiny>/eval-v1/coco --shots 0,4 --output /tmp/tiny-eval
 
-(`idefics_jax.data.tiny.eval_tasks()` returns the paths; docs/evaluation.md has the measured scores).
+(`idefics_jax.data.tiny.eval_tasks()` returns the paths; docs/evaluation.md has the scores measured so far).
 """
 
 from configs import tiny as tiny_config

@@ -208,6 +208,7 @@ def _cli(*args):
     )
 
 
+@pytest.mark.slow
 def test_cli_on_the_tiny_task_skips_a_corrupt_image(tiny_tasks, tmp_path):
     _random_checkpoint(tmp_path / "ckpt")
     data, corrupt = _tiny_vqa_copy(tiny_tasks["vqav2"], tmp_path / "vqa")
@@ -229,6 +230,7 @@ def test_cli_on_the_tiny_task_skips_a_corrupt_image(tiny_tasks, tmp_path):
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "unknown task 'cocoo'" in r.stderr
 
 
+@pytest.mark.slow
 def test_in_training_eval_is_logged(tiny_tasks, tmp_path):
     from testlib import load_config, records
 
