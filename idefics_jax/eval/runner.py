@@ -35,7 +35,7 @@ LENGTH_BUCKET = 64
 _MAX_IMAGE_PIXELS = 2**28
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=128)
 def _image(path: str):
     """The RGB image at `path` (cached: demonstrations repeat). UserError when the file is missing;
     BadExample when it cannot be decoded (the example is skipped and counted)."""
