@@ -107,6 +107,9 @@ def train_section() -> ml_collections.ConfigDict:
             lock_stale_after_s=300.0,
             eval_every=0,  # 0 = no eval
             eval_steps=4,
+            # Few-shot benchmarks run on the live parameters during training (idefics_jax.eval):
+            # [{task, data, shots: [0, 4], num_samples, every}], scores logged as eval/<task>/<k>shot.
+            eval_tasks=[],
             log_every=10,
             peak_flops_per_device=312e12,  # for MFU: A100 bf16 dense
             guards=dict(

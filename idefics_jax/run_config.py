@@ -150,6 +150,30 @@ def _mesh_sizes(value: Any, where: str) -> list[str]:
     return out
 
 
+def _eval_tasks(value: Any, where: str) -> list[str]:
+    from idefics_jax.eval.tasks import TASKS
+
+    if not isinstance(value, (list, tuple)):
+        return [f"{where}={value!r}: expected a list of {{task, data, shots, num_samples, every}}"]
+    out = []
+    rules = {
+        "task": choice(*TASKS),
+        "data": Rule("a data directory", lambda v: isinstance(v, str) and bool(v)),
+        "shots": Rule("a non-empty list of ints >= 0", lambda v: bool(v) and all(_is_int(x) and x >= 0 for x in v)),
+        "num_samples": integer(1),
+        "every": integer(1),
+    }
+    for i, t in enumerate(value):
+        at = f"{where}[{i}]"
+        if not _is_section(t):
+            out.append(f"{at}={t!r}: expected {{task, data, shots, num_samples, every}}")
+            continue
+        out += [f"{at}.{k}: unknown field; expected one of {sorted(rules)}" for k in t if k not in rules]
+        for k, rule in rules.items():
+            out += rule.problems(t.get(k), f"{at}.{k}")
+    return out
+
+
 def _tokenizer_dir(value: Any, where: str) -> list[str]:
     if isinstance(value, str) and os.path.isdir(value):
         return []
@@ -200,6 +224,7 @@ TRAIN_SCHEMA: dict[str, Rule] = {
     "lock_stale_after_s": number(0, lo_open=True),
     "eval_every": integer(0),
     "eval_steps": integer(1),
+    "eval_tasks": Rule("[{task, data, shots, num_samples, every}, ...]", custom=_eval_tasks),
     "log_every": integer(1),
     "peak_flops_per_device": number(0, lo_open=True),
     "guards.max_nonfinite_in_a_row": integer(1),
