@@ -46,6 +46,25 @@ def quiet_start() -> None:
 
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     absl_logging.get_absl_handler().addFilter(_drop_known_noise)
+    sys.unraisablehook = _without_late_loop_callbacks(sys.unraisablehook)
+
+
+def _without_late_loop_callbacks(previous: Callable) -> Callable:
+    """After an asynchronous checkpoint save fails, TensorStore's threads keep completing writes and
+    call back into Orbax's event loop, already closed: each callback's "RuntimeError: Event loop is
+    closed" is printed as an unraisable exception — dozens of tracebacks around the one line that
+    says what failed. Only that exception, raised by asyncio's call_soon_threadsafe, is dropped."""
+
+    def hook(unraisable):
+        frames, tb = [], unraisable.exc_traceback
+        while tb is not None:
+            frames.append(tb.tb_frame.f_code.co_name)
+            tb = tb.tb_next
+        late = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+        if not (late and "call_soon_threadsafe" in frames):
+            previous(unraisable)
+
+    return hook
 
 
 # Messages third-party libraries log at warning level about things we do on purpose.
