@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--debug", action="store_true", help="tracebacks for user errors")
         if not execution:
             return
-        s.add_argument("--config", default="", help="JSON file of thresholds to override (idefics_jax/curate/config.py)")
+        s.add_argument(
+            "--config", default="", help="JSON file of thresholds to override (idefics_jax/curate/config.py)"
+        )
         s.add_argument("--executor", default="local", choices=("local", "slurm", "ray"))
         s.add_argument("--workers", type=int, default=1, help="tasks run at once (-1: all)")
         s.add_argument("--tasks", type=int, default=0, help="datatrove tasks per stage (0: one per input file)")

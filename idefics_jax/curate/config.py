@@ -142,13 +142,17 @@ def _check(section: str, name: str, default, value):
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise UserError(f"curate config {where}={value!r}: expected a list of strings")
         return tuple(value)
-    if isinstance(default, bool) or isinstance(default, str):
+    if isinstance(default, (bool, str)):
         if type(value) is not type(default):
             raise UserError(f"curate config {where}={value!r}: expected a {type(default).__name__}")
         if isinstance(default, str) and value and name.endswith(("_model", "_path")) and not os.path.isfile(value):
             raise UserError(f"curate config {where}={value!r}: no such file")
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(default, int) and value != int(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(default, int) and value != int(value))
+    ):
         raise UserError(f"curate config {where}={value!r}: expected a {type(default).__name__}")
     if value < 0:
         raise UserError(f"curate config {where}={value!r}: expected ≥ 0")
@@ -176,14 +180,18 @@ def load(path: str | None = None, overrides: dict | None = None) -> CurateConfig
             raise UserError("curate config: expected a JSON object of sections")
         for section, fields in update.items():
             if section not in {f.name for f in dataclasses.fields(cfg)}:
-                raise UserError(f"curate config section {section!r}: expected one of extract, images, filter, dedup, write")
+                raise UserError(
+                    f"curate config section {section!r}: expected one of extract, images, filter, dedup, write"
+                )
             sub = getattr(cfg, section)
             if not isinstance(fields, dict):
                 raise UserError(f"curate config {section}: expected an object of fields")
             known = {f.name for f in dataclasses.fields(sub)}
             for name, value in fields.items():
                 if name not in known:
-                    raise UserError(f"curate config {section}.{name}: unknown field (known: {', '.join(sorted(known))})")
+                    raise UserError(
+                        f"curate config {section}.{name}: unknown field (known: {', '.join(sorted(known))})"
+                    )
                 setattr(sub, name, _check(section, name, getattr(sub, name), value))
     if cfg.dedup.num_perm < 16 or cfg.dedup.shingle < 1:
         raise UserError("curate config dedup.num_perm must be ≥ 16 and dedup.shingle ≥ 1")

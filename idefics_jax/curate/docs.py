@@ -199,7 +199,13 @@ def to_row(doc: Document) -> dict:
             urls.append(None)
     meta = {k: v for k, v in doc.metadata.items() if k not in _NOT_SAVED}
     meta["alts"] = alts
-    return {"id": doc.id, "texts": texts, "images": images, "image_urls": urls, "metadata": json.dumps(meta, sort_keys=True)}
+    return {
+        "id": doc.id,
+        "texts": texts,
+        "images": images,
+        "image_urls": urls,
+        "metadata": json.dumps(meta, sort_keys=True),
+    }
 
 
 class DocWriter(PipelineStep):

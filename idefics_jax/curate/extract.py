@@ -34,8 +34,45 @@ from idefics_jax.curate.config import ExtractConfig
 from idefics_jax.curate.docs import FilesReader, image, set_nodes, shard_name
 
 BLOCK_TAGS = frozenset(
-    "address article blockquote br dd div dl dt figcaption figure h1 h2 h3 h4 h5 h6 hr li main ol p pre "
-    "section table tbody td tfoot th thead tr ul caption center details summary body html".split()
+    [
+        "address",
+        "article",
+        "blockquote",
+        "br",
+        "dd",
+        "div",
+        "dl",
+        "dt",
+        "figcaption",
+        "figure",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "hr",
+        "li",
+        "main",
+        "ol",
+        "p",
+        "pre",
+        "section",
+        "table",
+        "tbody",
+        "td",
+        "tfoot",
+        "th",
+        "thead",
+        "tr",
+        "ul",
+        "caption",
+        "center",
+        "details",
+        "summary",
+        "body",
+        "html",
+    ]
 )
 _FURNITURE_ROLES = frozenset(("navigation", "banner", "contentinfo", "complementary", "search", "dialog", "alert"))
 _NEVER_BY_CLASS = frozenset(("html", "body", "main", "article"))
@@ -152,7 +189,9 @@ class WebPageReader(FilesReader):
                 html, enc = decode_html(f.read())
             self.stat_update("pages")
             yield Document(
-                text=html, id=path, metadata={"url": "file://" + path, "date": "", "shard": shard_name(path), "encoding": enc}
+                text=html,
+                id=path,
+                metadata={"url": "file://" + path, "date": "", "shard": shard_name(path), "encoding": enc},
             )
             return
         from warcio.archiveiterator import ArchiveIterator
@@ -181,7 +220,9 @@ class WebPageReader(FilesReader):
                         "shard": shard,
                         "encoding": enc,
                     }
-                    yield Document(text=html, id=headers.get_header("WARC-Record-ID") or f"{path}#{record.offset}", metadata=meta)
+                    yield Document(
+                        text=html, id=headers.get_header("WARC-Record-ID") or f"{path}#{record.offset}", metadata=meta
+                    )
             except Exception as e:  # warcio raises several types on a cut or corrupt file
                 self.stat_update("truncated_files")
                 from datatrove.utils.logging import logger

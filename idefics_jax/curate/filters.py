@@ -37,15 +37,145 @@ from idefics_jax.curate.docs import set_nodes
 from idefics_jax.errors import UserError
 
 STOPWORDS_EN = frozenset(
-    """a about above after again against all am an and any are as at be because been before being below between
-    both but by can could did do does doing down during each few for from further had has have having he her here
-    hers herself him himself his how i if in into is it its itself just me more most my myself no nor not now of off
-    on once only or other our ours ourselves out over own same she should so some such than that the their theirs
-    them themselves then there these they this those through to too under until up very was we were what when where
-    which while who whom why will with would you your yours yourself yourselves also may might must shall one""".split()
+    [
+        "a",
+        "about",
+        "above",
+        "after",
+        "again",
+        "against",
+        "all",
+        "am",
+        "an",
+        "and",
+        "any",
+        "are",
+        "as",
+        "at",
+        "be",
+        "because",
+        "been",
+        "before",
+        "being",
+        "below",
+        "between",
+        "both",
+        "but",
+        "by",
+        "can",
+        "could",
+        "did",
+        "do",
+        "does",
+        "doing",
+        "down",
+        "during",
+        "each",
+        "few",
+        "for",
+        "from",
+        "further",
+        "had",
+        "has",
+        "have",
+        "having",
+        "he",
+        "her",
+        "here",
+        "hers",
+        "herself",
+        "him",
+        "himself",
+        "his",
+        "how",
+        "i",
+        "if",
+        "in",
+        "into",
+        "is",
+        "it",
+        "its",
+        "itself",
+        "just",
+        "me",
+        "more",
+        "most",
+        "my",
+        "myself",
+        "no",
+        "nor",
+        "not",
+        "now",
+        "of",
+        "off",
+        "on",
+        "once",
+        "only",
+        "or",
+        "other",
+        "our",
+        "ours",
+        "ourselves",
+        "out",
+        "over",
+        "own",
+        "same",
+        "she",
+        "should",
+        "so",
+        "some",
+        "such",
+        "than",
+        "that",
+        "the",
+        "their",
+        "theirs",
+        "them",
+        "themselves",
+        "then",
+        "there",
+        "these",
+        "they",
+        "this",
+        "those",
+        "through",
+        "to",
+        "too",
+        "under",
+        "until",
+        "up",
+        "very",
+        "was",
+        "we",
+        "were",
+        "what",
+        "when",
+        "where",
+        "which",
+        "while",
+        "who",
+        "whom",
+        "why",
+        "will",
+        "with",
+        "would",
+        "you",
+        "your",
+        "yours",
+        "yourself",
+        "yourselves",
+        "also",
+        "may",
+        "might",
+        "must",
+        "shall",
+        "one",
+    ]
 )
 # A deliberately short default; pass a real list (one word per line) as filter.flagged_words_path.
-FLAGGED_EN = frozenset("porn porno xxx sex sexy nude nudes naked hentai milf camgirl escort fetish".split())
+FLAGGED_EN = frozenset(
+    ["porn", "porno", "xxx", "sex", "sexy", "nude", "nudes", "naked", "hentai", "milf", "camgirl", "escort", "fetish"]
+)
 _SENTENCE_PUNCTUATION = frozenset(".!?…。！？")
 
 
@@ -107,7 +237,9 @@ class Models:
             try:
                 import fasttext
             except ImportError as e:
-                raise UserError("filter.lid_model is set but fasttext is not installed (pip install fasttext-numpy2-wheel)") from e
+                raise UserError(
+                    "filter.lid_model is set but fasttext is not installed (pip install fasttext-numpy2-wheel)"
+                ) from e
             self.lid = fasttext.load_model(cfg.lid_model)
         if cfg.kenlm_model:
             try:
@@ -149,8 +281,10 @@ def checks(cfg: FilterConfig, level: str, models: Models, vocab: dict) -> list[t
         ("flagged_words", lambda t, w: share(w, vocab["flagged"]) > v("flagged_{level}_max")),
         (
             "punctuation",
-            lambda t, w: (level == "doc" or len(w) >= cfg.punctuation_node_min_words)
-            and punctuation_ratio(t, w) < v("punctuation_{level}_min"),
+            lambda t, w: (
+                (level == "doc" or len(w) >= cfg.punctuation_node_min_words)
+                and punctuation_ratio(t, w) < v("punctuation_{level}_min")
+            ),
         ),
     ]
     if vocab.get("common"):

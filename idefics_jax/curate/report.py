@@ -17,7 +17,20 @@ from idefics_jax.errors import UserError
 # datatrove executors (stages.build names) in pipeline order.
 EXECUTORS = ("extract", "image_index", "images", "filter", "dedup_signatures", "dedup_decide", "write")
 # Counters that are removals (the chart and the "removed" column).
-_REMOVAL_PREFIXES = ("node_", "doc_", "image_", "removed_", "dup_", "near_", "paragraph", "not_html", "truncated", "empty", "parse_error", "store_corrupt")
+_REMOVAL_PREFIXES = (
+    "node_",
+    "doc_",
+    "image_",
+    "removed_",
+    "dup_",
+    "near_",
+    "paragraph",
+    "not_html",
+    "truncated",
+    "empty",
+    "parse_error",
+    "store_corrupt",
+)
 
 
 def load(out: str) -> dict[str, dict[str, dict[str, int]]]:

@@ -27,9 +27,51 @@ import uuid
 
 from PIL import Image
 
-_STOP = "the of and to in is that it was for on are as with his they at be this from have or by".split()
-_FRENCH = "le la les de des et un une est dans pour sur avec qui que pas plus".split()
-_SYL = "ka lo mi ne ru ta ve zo pa si do fe gu ha ji bo ce".split()
+_STOP = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "it",
+    "was",
+    "for",
+    "on",
+    "are",
+    "as",
+    "with",
+    "his",
+    "they",
+    "at",
+    "be",
+    "this",
+    "from",
+    "have",
+    "or",
+    "by",
+]
+_FRENCH = [
+    "le",
+    "la",
+    "les",
+    "de",
+    "des",
+    "et",
+    "un",
+    "une",
+    "est",
+    "dans",
+    "pour",
+    "sur",
+    "avec",
+    "qui",
+    "que",
+    "pas",
+    "plus",
+]
+_SYL = ["ka", "lo", "mi", "ne", "ru", "ta", "ve", "zo", "pa", "si", "do", "fe", "gu", "ha", "ji", "bo", "ce"]
 
 
 def _word(rng: random.Random) -> str:
@@ -93,7 +135,7 @@ def build(out_dir: str, articles: int = 6, seed: int = 0, truncated: bool = True
         caption = paragraph(rng, sentences=1)
         body = (
             f'<p><img src="/static/logo.jpg" alt="logo">{paras[0]}</p><figure><img src="{urls[0]}" alt="first {i}">'
-            f"<figcaption>{caption}</figcaption></figure><p>{paras[1]}</p><img data-src=\"{urls[1]}\">"
+            f'<figcaption>{caption}</figcaption></figure><p>{paras[1]}</p><img data-src="{urls[1]}">'
             f"<p>{paras[2]}</p><p>{facts['author']}</p>"
         )
         url = f"https://news.example.com/2024/article-{i}.html"
@@ -126,27 +168,36 @@ def build(out_dir: str, articles: int = 6, seed: int = 0, truncated: bool = True
     img("https://cdn.example.com/broken/corrupt.jpg", b"\xff\xd8\xff\xe0 not really a jpeg")
     img("https://cdn.example.com/broken/tiny.png", jpeg(rng, (10, 10), "PNG"))
     img("https://cdn.example.com/broken/wide.jpg", jpeg(rng, (600, 200)))
-    body = "".join(
-        f'<p>{paragraph(rng)}</p><img src="https://cdn.example.com/broken/{n}">'
-        for n in ("missing.jpg", "corrupt.jpg", "tiny.png", "wide.jpg")
-    ) + f'<img src="{good}"><p>{paragraph(rng)}</p>'
+    body = (
+        "".join(
+            f'<p>{paragraph(rng)}</p><img src="https://cdn.example.com/broken/{n}">'
+            for n in ("missing.jpg", "corrupt.jpg", "tiny.png", "wide.jpg")
+        )
+        + f'<img src="{good}"><p>{paragraph(rng)}</p>'
+    )
     facts["broken_marker"] = body[3:40]
     pages.append((facts["broken"], _page("Broken images", body).encode(), "text/html", "2024-01-01T00:00:00Z"))
     # boilerplate only
     pages.append(("https://news.example.com/empty.html", _page("", "").encode(), "text/html", "2024-01-01T00:00:00Z"))
     # French
     facts["french"] = "https://fr.example.fr/article.html"
-    body = "".join(f'<p>{paragraph(rng, _FRENCH)}</p><img src="{img(f"https://fr.example.fr/{k}.jpg")}">' for k in range(2))
+    body = "".join(
+        f'<p>{paragraph(rng, _FRENCH)}</p><img src="{img(f"https://fr.example.fr/{k}.jpg")}">' for k in range(2)
+    )
     pages.append((facts["french"], _page("Article", body, "utf-8").encode(), "text/html", "2024-01-01T00:00:00Z"))
     # 40 images
     facts["many_images"] = "https://news.example.com/gallery-40.html"
-    body = f"<p>{paragraph(rng)}</p>" + "".join(f'<img src="{img(f"https://cdn.example.com/g/{k}.jpg")}">' for k in range(40))
+    body = f"<p>{paragraph(rng)}</p>" + "".join(
+        f'<img src="{img(f"https://cdn.example.com/g/{k}.jpg")}">' for k in range(40)
+    )
     pages.append((facts["many_images"], _page("Gallery", body).encode(), "text/html", "2024-01-01T00:00:00Z"))
     # cp1252 declared by <meta charset>
     facts["cp1252"] = "https://news.example.com/cafe.html"
     facts["cp1252_text"] = "Le café naïve is " + sentence(rng)
     body = f'<p>{facts["cp1252_text"]} {paragraph(rng)}</p><img src="{img("https://cdn.example.com/cafe.jpg")}"><p>{paragraph(rng)}</p>'
-    pages.append((facts["cp1252"], _page("Café", body, "windows-1252").encode("cp1252"), "text/html", "2024-01-01T00:00:00Z"))
+    pages.append(
+        (facts["cp1252"], _page("Café", body, "windows-1252").encode("cp1252"), "text/html", "2024-01-01T00:00:00Z")
+    )
     # malformed HTML: unclosed tags, stray end tags, no </body></html>
     facts["malformed"] = "https://news.example.com/malformed.html"
     facts["malformed_text"] = "Malformed page text " + sentence(rng)
@@ -161,8 +212,17 @@ def build(out_dir: str, articles: int = 6, seed: int = 0, truncated: bool = True
     # a WARC file cut inside its second record: the first page survives
     facts["truncated_survivor"] = "https://news.example.com/before-the-cut.html"
     cut_pages = [
-        (facts["truncated_survivor"], _page("Before", f'<p>{paragraph(rng)}</p><img src="{img("https://cdn.example.com/cut.jpg")}"><p>{paragraph(rng)}</p>').encode()),
-        ("https://news.example.com/cut-in-half.html", _page("Cut", "".join(f"<p>{paragraph(rng)}</p>" for _ in range(40))).encode()),
+        (
+            facts["truncated_survivor"],
+            _page(
+                "Before",
+                f'<p>{paragraph(rng)}</p><img src="{img("https://cdn.example.com/cut.jpg")}"><p>{paragraph(rng)}</p>',
+            ).encode(),
+        ),
+        (
+            "https://news.example.com/cut-in-half.html",
+            _page("Cut", "".join(f"<p>{paragraph(rng)}</p>" for _ in range(40))).encode(),
+        ),
     ]
 
     warc_dir, img_dir = os.path.join(out_dir, "warc"), os.path.join(out_dir, "images")
