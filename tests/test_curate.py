@@ -285,3 +285,38 @@ def test_language_id_with_a_tiny_fasttext_model(tmp_path):
     fails = _check("language", level="doc", lid_model=str(tmp_path / "lid.bin"))
     assert fails(sample.paragraph(rng, sample._FRENCH))
     assert not fails(sample.paragraph(rng))
+
+
+def test_image_store_formats_parquet_and_manifest_and_damage(tmp_path):
+    import pyarrow as pa
+
+    from idefics_jax.curate.images import ImageStore, build_index
+
+    rng = random.Random(0)
+    a, b, c = (sample.jpeg(rng) for _ in range(3))
+    pq.write_table(
+        pa.table({"url": ["https://x.org/a.jpg", "https://x.org/b.jpg"], "jpg": [a, b]}), tmp_path / "s.parquet"
+    )
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "c.jpg").write_bytes(c)
+    (tmp_path / "m.tsv").write_text("https://x.org/c.jpg\timg/c.jpg\nnot a manifest line\n")
+    (tmp_path / "z.parquet").write_bytes(b"PAR1 broken")
+    files = [str(tmp_path / n) for n in ("m.tsv", "s.parquet", "z.parquet")]
+    counts = build_index(files, str(tmp_path / "index.sqlite"))
+    assert counts == {"files": 3, "corrupt_files": 2, "images": 3}
+    store = ImageStore(str(tmp_path / "index.sqlite"))
+    assert [store.get(f"https://x.org/{n}.jpg") for n in "abc"] == [a, b, c]
+    assert store.get("https://x.org/missing.jpg") is None
+
+
+def test_default_config_round_trips_and_html_input(tmp_path, capsys):
+    main(["config"])
+    (tmp_path / "c.json").write_text(capsys.readouterr().out)
+    assert curate_config.load(str(tmp_path / "c.json")) == curate_config.CurateConfig()
+    page = tmp_path / "pages" / "one.html"
+    page.parent.mkdir()
+    text = sample.paragraph(random.Random(1))
+    page.write_bytes(sample._page("T", f"<p>{text}</p>").encode())  # a 1-character title is dropped
+    main(["extract", "--html", str(tmp_path / "pages" / "*.html"), "--out", str(tmp_path / "o"), "--no-progress"])
+    (row,) = pq.read_table(tmp_path / "o" / "extracted" / "one.parquet").to_pylist()
+    assert row["texts"] == [text]

@@ -6,6 +6,7 @@
     python -m idefics_jax.curate images --images GLOB --out DIR
     python -m idefics_jax.curate filter|dedup|write --out DIR
     python -m idefics_jax.curate report --out DIR          (table on stdout, DIR/report.png)
+    python -m idefics_jax.curate config > thresholds.json  (every threshold, OBELICS's defaults)
 
 `run` does extract → images → filter → dedup → write and leaves the result in DIR/documents/;
 a rerun (after a kill, a node failure) redoes only the unfinished tasks. See docs/curation.md.
@@ -55,7 +56,10 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--warc", default="", help="glob of .warc/.warc.gz files")
             s.add_argument("--html", default="", help="glob of .html files (instead of --warc)")
         if name in ("run", "images"):
-            s.add_argument("--images", required=True, help="glob of the image store: img2dataset .tar or .parquet")
+            s.add_argument(
+                "--images", required=True, help="glob of the image store: img2dataset .tar/.parquet, or .tsv manifests"
+            )
+    sub.add_parser("config", help="print the default config (JSON) to edit and pass as --config")
     s = sub.add_parser("report", help="what each filter kept and removed")
     common(s, execution=False)
     s.add_argument("--no-png", action="store_true", help="table only")
@@ -64,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.command == "config":
+        import json
+
+        from idefics_jax.curate.config import CurateConfig
+
+        print(json.dumps(CurateConfig().to_dict(), indent=1))
+        return
     from idefics_jax.errors import cli_main, quiet_start
 
     quiet_start()

@@ -2,9 +2,12 @@
 
 The store is what `img2dataset` writes, the format its users already have:
   * webdataset tars: members `{key}.{jpg,png,webp}` with `{key}.json` holding `{"url": …}`;
-  * parquet: a `url` column and the image bytes in `jpg` (or `png`/`webp`/`image`).
-`build_index` scans the store once (tar headers and json members; parquet's `url` column) into a
-SQLite file `url → (file, a, b)` (tar: byte offset and size; parquet: row group and row), so every
+  * parquet: a `url` column and the image bytes in `jpg` (or `png`/`webp`/`image`);
+or a directory of image files with a manifest: a `.tsv` file of `url<TAB>path` lines (paths
+relative to the manifest's directory).
+`build_index` scans the store once (tar headers and json members; parquet's `url` column; the
+manifest) into a SQLite file `url → (file, a, b)` (tar: byte offset and size; parquet: row group
+and row; manifest: the image file, a = b = -1), so every
 task looks images up with bounded memory and reads only the bytes it needs. When a URL is in the
 store twice, the first in sorted file order wins. A corrupt or truncated tar keeps the members read
 before the damage and is counted; it never stops the stage.
@@ -70,6 +73,18 @@ def _index_parquet(path: str) -> tuple[list[tuple], bool]:
         return [], False
 
 
+def _index_manifest(path: str) -> tuple[list[tuple], bool]:
+    root, rows, complete = os.path.dirname(os.path.abspath(path)), [], True
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            url, sep, rel = line.rstrip("\n").partition("\t")
+            if not sep or not url or not rel:
+                complete = False  # a malformed line is skipped, the manifest counted as damaged
+                continue
+            rows.append((url, os.path.join(root, rel), -1, -1))
+    return rows, complete
+
+
 def build_index(files: list[str], index_path: str) -> dict[str, int]:
     """Scans the store files into the SQLite index at `index_path` (written atomically; reused when
     it is newer than every store file). Returns counts: files, corrupt_files, images."""
@@ -85,7 +100,10 @@ def build_index(files: list[str], index_path: str) -> dict[str, int]:
     db.execute("CREATE TABLE images (url TEXT PRIMARY KEY, file TEXT, a INTEGER, b INTEGER)")
     db.execute("CREATE TABLE counts (name TEXT PRIMARY KEY, value INTEGER)")
     for path in files:
-        rows, complete = _index_parquet(path) if path.endswith(".parquet") else _index_tar(path)
+        index = (
+            _index_parquet if path.endswith(".parquet") else _index_manifest if path.endswith(".tsv") else _index_tar
+        )
+        rows, complete = index(path)
         counts["files"] += 1
         counts["corrupt_files"] += not complete
         db.executemany("INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?)", rows)
@@ -125,6 +143,12 @@ class ImageStore:
         if hit is None:
             return None
         path, a, b = hit
+        if a == -1:  # a manifest's image file
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError:
+                return None
         if not path.endswith(".parquet"):
             with open(path, "rb") as f:
                 f.seek(a)

@@ -58,16 +58,20 @@ def summary(out: str) -> str:
     s = load(out)
     pages = _count(s, "extract", "pages")
     rows = [
-        ("pages read", pages),
-        ("web documents extracted", _count(s, "extract", "documents_written")),
-        ("with images resolved", _count(s, "images", "documents_written")),
-        ("after text filters", _count(s, "filter", "documents_written")),
-        ("after dedup (written)", _count(s, "write", "documents_written")),
-        ("images written", _count(s, "write", "images_written")),
+        (label, _count(s, executor, counter))
+        for label, executor, counter in (
+            ("pages read", "extract", "pages"),
+            ("web documents extracted", "extract", "documents_written"),
+            ("with images resolved", "images", "documents_written"),
+            ("after text filters", "filter", "documents_written"),
+            ("after dedup (written)", "write", "documents_written"),
+            ("images written", "write", "images_written"),
+        )
+        if executor in s  # stages that have not run are left out
     ]
     lines = [f"  {k:<26} {v:>10,}" for k, v in rows]
-    if pages:
-        lines.append(f"  {'kept fraction of pages':<26} {rows[4][1] / pages:>10.1%}")
+    if pages and "write" in s:
+        lines.append(f"  {'kept fraction of pages':<26} {_count(s, 'write', 'documents_written') / pages:>10.1%}")
     return "curation summary (" + out + ")\n" + "\n".join(lines)
 
 
