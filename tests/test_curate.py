@@ -253,6 +253,8 @@ def test_each_filter_removes_exactly_past_its_threshold(name, measure, field, ki
 
 def test_measures_have_obelics_values():
     assert filters.words("Hello, world! (1999) ... it's") == ["hello", "world", "it's"]  # digits are special
+    assert filters.words("“Quoted” 😀ok😀 «non»") == ["quoted", "ok", "non"]  # non-ASCII specials too
+    assert filters.special_ratio("a😀 «b»") == 3 / 5
     assert filters.share(filters.words("the cat and the dog"), filters.STOPWORDS_EN) == 3 / 5
     assert filters.special_ratio("ab!1") == 0.5
     assert filters.word_repetition(["a", "b", "a", "b", "c"], 2) == 2 / 4  # "a b" twice of 4 bigrams

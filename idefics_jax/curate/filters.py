@@ -24,6 +24,7 @@ texts per check are saved for the report (`DIR/filtered/_removed/<task>.json`).
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import os
@@ -179,21 +180,31 @@ FLAGGED_EN = frozenset(
 _SENTENCE_PUNCTUATION = frozenset(".!?…。！？")
 
 
+_ASCII_SPECIALS = "".join(chr(c) for c in range(128) if unicodedata.category(chr(c))[0] in "PSN")
+
+
 def _special(c: str) -> bool:
     return unicodedata.category(c)[0] in "PSN"
 
 
+@functools.cache
+def _drop_specials() -> dict:
+    """str.translate table deleting every special character up to U+1FFFF (emoji included)."""
+    return dict.fromkeys(c for c in range(0x20000) if _special(chr(c)))
+
+
+def _strip_special(w: str) -> str:
+    # ASCII ends are stripped in C; a non-ASCII end (rare: “quotes”, emoji) is checked by category.
+    w = w.strip(_ASCII_SPECIALS)
+    while w and not w[0].isascii() and _special(w[0]):
+        w = w[1:].strip(_ASCII_SPECIALS)
+    while w and not w[-1].isascii() and _special(w[-1]):
+        w = w[:-1].strip(_ASCII_SPECIALS)
+    return w
+
+
 def words(text: str) -> list[str]:
-    out = []
-    for w in text.lower().split():
-        i, j = 0, len(w)
-        while i < j and _special(w[i]):
-            i += 1
-        while j > i and _special(w[j - 1]):
-            j -= 1
-        if i < j:
-            out.append(w[i:j])
-    return out
+    return [w for w in map(_strip_special, text.lower().split()) if w]
 
 
 def char_repetition(text: str, n: int) -> float:
@@ -211,8 +222,8 @@ def word_repetition(ws: list[str], n: int) -> float:
 
 
 def special_ratio(text: str) -> float:
-    chars = [c for c in text if not c.isspace()]
-    return sum(map(_special, chars)) / len(chars) if chars else 0.0
+    chars = "".join(text.split())
+    return (len(chars) - len(chars.translate(_drop_specials()))) / len(chars) if chars else 0.0
 
 
 def share(ws: list[str], vocabulary) -> float:
