@@ -52,6 +52,8 @@ def main() -> None:
         pages, read_s = _timed(lambda: list(reader.run()))
         docs, extract_s = _timed(lambda: list(ExtractWebDocument(cfg.extract).run(iter(pages))))
         rows.append(("extract (read WARC + DOM)", len(pages), "pages", read_s + extract_s))
+        html_mb = sum(len(p.text.encode()) for p in pages) / 2**20
+        rows.append(("extract, HTML volume", html_mb, "MiB", read_s + extract_s))
         index = os.path.join(tmp, "index.sqlite")
         _, index_s = _timed(lambda: build_index(sorted(glob.glob(crawl["images"])), index))
         rows.append(("image store index", 1, "stores", index_s))
@@ -67,7 +69,7 @@ def main() -> None:
 
     print(f"\n{'stage':<32} {'items':>7} {'seconds':>8} {'rate':>14}")
     for name, n, unit, s in rows:
-        print(f"{name:<32} {n:>7} {s:>8.2f} {n / s:>10.1f} {unit}/s")
+        print(f"{name:<32} {n:>7.0f} {s:>8.2f} {n / s:>10.1f} {unit}/s")
 
     print(f"\n{'MinHash dedup, documents':<26} {'signatures/s':>13} {'decide s':>9} {'decide docs/s':>14}")
     rng = random.Random(0)

@@ -322,3 +322,10 @@ def test_default_config_round_trips_and_html_input(tmp_path, capsys):
     main(["extract", "--html", str(tmp_path / "pages" / "*.html"), "--out", str(tmp_path / "o"), "--no-progress"])
     (row,) = pq.read_table(tmp_path / "o" / "extracted" / "one.parquet").to_pylist()
     assert row["texts"] == [text]
+
+
+def test_urls_lists_the_extracted_image_urls_for_img2dataset(crawl, curated, capsys):
+    main(["urls", "--out", curated])
+    urls = capsys.readouterr().out.split()
+    article = next(iter(crawl["facts"]["articles"].values()))
+    assert set(article["images"]) <= set(urls) and "https://cdn.example.com/broken/missing.jpg" in urls

@@ -7,6 +7,7 @@
     python -m idefics_jax.curate filter|dedup|write --out DIR
     python -m idefics_jax.curate report --out DIR          (table on stdout, DIR/report.png)
     python -m idefics_jax.curate config > thresholds.json  (every threshold, OBELICS's defaults)
+    python -m idefics_jax.curate urls --out DIR > urls.txt (image URLs of DIR/extracted, for img2dataset)
 
 `run` does extract → images → filter → dedup → write and leaves the result in DIR/documents/;
 a rerun (after a kill, a node failure) redoes only the unfinished tasks. See docs/curation.md.
@@ -60,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                 "--images", required=True, help="glob of the image store: img2dataset .tar/.parquet, or .tsv manifests"
             )
     sub.add_parser("config", help="print the default config (JSON) to edit and pass as --config")
+    common(sub.add_parser("urls", help="print the image URLs of the extracted documents"), execution=False)
     s = sub.add_parser("report", help="what each filter kept and removed")
     common(s, execution=False)
     s.add_argument("--no-png", action="store_true", help="table only")
@@ -85,6 +87,12 @@ def main(argv: list[str] | None = None) -> None:
 def _body(args) -> None:
     from idefics_jax.curate import report
 
+    if args.command == "urls":
+        from idefics_jax.curate.docs import image_urls
+
+        for url in image_urls(args.out):
+            print(url)
+        return
     if args.command == "report":
         report.main(args.out, png=not args.no_png)
         return

@@ -227,3 +227,18 @@ class DocWriter(PipelineStep):
             self.stat_update("images_written", value=len(doc.media))
             yield doc
         out.close()
+
+
+def image_urls(out: str):
+    """The image URLs of DIR/extracted, shard by shard (unique within a shard, so memory stays that
+    of one shard): the list to give img2dataset to build the image store."""
+    import pyarrow.parquet as pq
+
+    from idefics_jax.errors import UserError
+
+    files = matching(os.path.join(out, "extracted", "*.parquet"))
+    if not files:
+        raise UserError(f"{out}/extracted: no shard; run the extract stage first")
+    for path in files:
+        urls = pq.read_table(path, columns=["image_urls"]).column("image_urls").to_pylist()
+        yield from sorted({u for row in urls for u in row if u})
