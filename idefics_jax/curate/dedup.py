@@ -24,6 +24,7 @@ million documents at 128 permutations); past tens of millions of documents, run 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -44,14 +45,22 @@ def _hash64(text: str) -> int:
 SCHEME = "affine32"
 
 
+@functools.cache
+def _permutations(num_perm: int, seed: int):
+    # datasketch draws the permutations from (num_perm, seed) on every MinHash; drawn once here.
+    from datasketch import MinHash
+
+    return MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME).permutations
+
+
 def minhash(text: str, cfg: DedupConfig):
     """datasketch MinHash of the lower-cased word `cfg.shingle`-grams of `text` (`num_perm` uint32)."""
     from datasketch import MinHash
 
     ws = text.lower().split()
     shingles = {" ".join(ws[i : i + cfg.shingle]) for i in range(max(len(ws) - cfg.shingle + 1, 1))}
-    m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, scheme=SCHEME)
-    m.update_batch([s.encode("utf-8") for s in sorted(shingles)])
+    m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, scheme=SCHEME, permutations=_permutations(cfg.num_perm, cfg.seed))
+    m.update_batch([s.encode("utf-8") for s in shingles])  # order-free: a min over the set
     return m
 
 
