@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python benchmarks/curate_throughput.py [--articles 400] [--dedup-sizes 1000,2000,4000]
 
-Measures, on the synthetic crawl of idefics_jax.curate.sample (article pages of ~8 KB with
-navigation, banners, comments and 3 images):
+Measures, on the synthetic crawl of idefics_jax.curate.sample (article pages with
+navigation, banners, comments, 3 images and `--page-kib` KiB of site menu):
   * extract: pages/s (WARC read + decode + selectolax DOM simplification);
   * images: documents/s resolving images from an img2dataset tar (index lookup, full decode, checks);
   * filter: documents/s through OBELICS's node- and document-level text filters (no lid/KenLM);
@@ -34,6 +34,9 @@ def _timed(fn):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--articles", type=int, default=400)
+    p.add_argument(
+        "--page-kib", type=int, default=40, help="site menu added to each article page (real pages: tens of KiB)"
+    )
     p.add_argument("--dedup-sizes", default="1000,2000,4000")
     args = p.parse_args()
 
@@ -46,14 +49,18 @@ def main() -> None:
     cfg = config.CurateConfig()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        crawl, build_s = _timed(lambda: sample.build(tmp, articles=args.articles, truncated=False, warc_files=4))
-        print(f"synthetic crawl: {args.articles} articles + 11 special pages, built in {build_s:.1f}s")
+        crawl, build_s = _timed(
+            lambda: sample.build(tmp, articles=args.articles, truncated=False, warc_files=4, page_kib=args.page_kib)
+        )
+        print(
+            f"synthetic crawl: {args.articles} articles (+{args.page_kib} KiB of menu each) + 11 other pages, built in {build_s:.1f}s"
+        )
         reader = WebPageReader(crawl["warc"], progress=False)
         pages, read_s = _timed(lambda: list(reader.run()))
         docs, extract_s = _timed(lambda: list(ExtractWebDocument(cfg.extract).run(iter(pages))))
         rows.append(("extract (read WARC + DOM)", len(pages), "pages", read_s + extract_s))
         html_mb = sum(len(p.text.encode()) for p in pages) / 2**20
-        rows.append(("extract, HTML volume", html_mb, "MiB", read_s + extract_s))
+        rows.append((f"extract, HTML ({html_mb:.0f} MiB)", html_mb, "MiB", read_s + extract_s))
         index = os.path.join(tmp, "index.sqlite")
         _, index_s = _timed(lambda: build_index(sorted(glob.glob(crawl["images"])), index))
         rows.append(("image store index", 1, "stores", index_s))

@@ -217,6 +217,14 @@ def test_config_errors_name_the_field(tmp_path, capsys):
     assert "no file matches" in capsys.readouterr().err
 
 
+def test_rerun_with_other_tasks_or_config_is_refused(crawl, curated, capsys):
+    for extra, words in ((["--tasks", "7"], "other tasks of filter (was 3, now 7)"), ([], "another config")):
+        config = ["--config", crawl["config"]] if extra else []
+        with pytest.raises(SystemExit):
+            main(["filter", "--out", curated, "--no-progress", *config, *extra])
+        assert words in capsys.readouterr().err
+
+
 def _check(name: str, level: str = "node", **overrides):
     cfg = curate_config.load(overrides={"filter": overrides})
     fails = dict(filters.checks(cfg.filter, level, filters.Models(cfg.filter), {"flagged": filters.FLAGGED_EN}))

@@ -94,7 +94,7 @@ def main(out: str, png: bool = True) -> str:
     for executor, steps in stats.items():
         for step, counters in steps.items():
             for counter, value in sorted(counters.items()):
-                lines.append(f"{executor:<17} {step[-22:]:<22} {counter:<32} {value:>10,}")
+                lines.append(f"{executor:<17} {step.split(': ', 1)[-1]:<22} {counter:<32} {value:>10,}")
                 if counter.startswith(_REMOVAL_PREFIXES) and counter != "image_kept":
                     removals[f"{executor}: {counter}"] = removals.get(f"{executor}: {counter}", 0) + value
     with open(os.path.join(out, "config.json")) as f:

@@ -113,8 +113,23 @@ def _page(title: str, body: str, charset: str = "utf-8") -> str:
     )
 
 
-def build(out_dir: str, articles: int = 6, seed: int = 0, truncated: bool = True, warc_files: int = 2) -> dict:
-    """Writes the crawl under `out_dir` (module docstring); returns {warc, images, facts}."""
+def _site_menu(kib: int) -> str:
+    """About `kib` KiB of site menu (nested lists of links), the bulk of a real page's markup."""
+    items, size, k = [], 0, 0
+    while size < kib * 1024:
+        item = f'<li class="menu-item"><a href="/section/{k}/">Section {k}</a><ul><li><a href="/section/{k}/a">Sub {k}</a></li></ul></li>'
+        items.append(item)
+        size += len(item)
+        k += 1
+    return f'<div class="site-menu"><ul>{"".join(items)}</ul></div>'
+
+
+def build(
+    out_dir: str, articles: int = 6, seed: int = 0, truncated: bool = True, warc_files: int = 2, page_kib: int = 0
+) -> dict:
+    """Writes the crawl under `out_dir` (module docstring); returns {warc, images, facts}.
+    `page_kib` > 0 pads each article page with that much site menu (real pages average tens of
+    KiB of HTML, most of it markup the extraction discards; benchmarks use it)."""
     from warcio.statusandheaders import StatusAndHeaders
     from warcio.warcwriter import WARCWriter
 
@@ -139,7 +154,12 @@ def build(out_dir: str, articles: int = 6, seed: int = 0, truncated: bool = True
             f"<p>{paras[2]}</p><p>{facts['author']}</p>"
         )
         url = f"https://news.example.com/2024/article-{i}.html"
-        pages.append((url, _page(f"Article {i}", body).encode(), "text/html; charset=utf-8", "2024-01-01T00:00:00Z"))
+        html = (
+            _page(f"Article {i}", body).replace("<article>", _site_menu(page_kib) + "<article>", 1)
+            if page_kib
+            else _page(f"Article {i}", body)
+        )
+        pages.append((url, html.encode(), "text/html; charset=utf-8", "2024-01-01T00:00:00Z"))
         facts["articles"][url] = {"paragraphs": paras, "caption": caption, "images": urls, "logo": logo}
     a0, a1, a2 = list(facts["articles"])[:3]
     # near-duplicate repost of article 0 on another domain: same text but one sentence, own images

@@ -1,6 +1,7 @@
 """The stages as datatrove executors, and the layout of a curation directory.
 
     DIR/config.json           the config every stage of DIR runs with (a rerun must match it)
+    DIR/run.json              input file lists and task counts, hashed (a rerun must match them)
     DIR/extracted/*.parquet   web documents (docs.py layout), one shard per input file
     DIR/image_index.sqlite    url → image in the store (images.build_index)
     DIR/images/*.parquet      … with image bytes, failing images removed
@@ -19,6 +20,7 @@ SLURM the whole run is one submission of dependent job arrays.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -63,6 +65,36 @@ def check_config(out: str, cfg: CurateConfig) -> None:
     os.makedirs(out, exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(current, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def _recorded(out: str) -> dict:
+    path = os.path.join(out, "run.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _same_as_before(out: str, what: str, value) -> None:
+    """Records `value` (input files, a task count) in DIR/run.json, or checks it equals the
+    recorded one: datatrove skips the tasks a previous run completed, which is only right when
+    each task has the same input as then."""
+    path = os.path.join(out, "run.json")
+    record = _recorded(out)
+    digest = value if isinstance(value, int) else hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+    if what in record:
+        if record[what] != digest:
+            change = f"{record[what]}, now {value}" if isinstance(value, int) else "another file list"
+            raise UserError(
+                f"{out} was started with other {what} (was {change}): rerun with the same inputs and --tasks, "
+                "or use a new --out"
+            )
+        return
+    record[what] = digest
+    os.makedirs(out, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
     os.replace(path + ".tmp", path)
 
 
@@ -117,11 +149,14 @@ def build(
     if "extract" in stages:
         files = list_files(pages, "--warc/--html")
         tasks = ex.tasks or len(files)
+        _same_as_before(out, "extract inputs", files)
     else:
         prev = STAGES[STAGES.index(stages[0]) - 1]
         prev_folder = {"images": "extracted", "filter": "images", "dedup": "filtered", "write": "filtered"}[stages[0]]
         done = list_files(os.path.join(folder(prev_folder), "*.parquet"), f"output of stage {prev!r}")
-        tasks = ex.tasks or len(done)
+        first = "dedup_signatures" if stages[0] == "dedup" else stages[0]
+        # a stage rerun on its own keeps the task count it had (a shard may have had no output)
+        tasks = ex.tasks or _recorded(out).get(f"tasks of {first}") or len(done)
     plan = {
         "extract": lambda: [
             ("extract", [WebPageReader(pages, progress=ex.progress), ExtractWebDocument(cfg.extract), DocWriter(folder("extracted"))], tasks)
@@ -141,9 +176,12 @@ def build(
             ("write", [docs_in("filtered"), ApplyDedup(folder("dedup")), DocWriter(folder("documents"), cfg.write.row_group_size)], tasks)
         ],
     }  # fmt: skip
+    if "images" in stages:
+        _same_as_before(out, "image store", list_files(images, "--images"))
     executors, depends = [], None
     for stage in stages:
         for name, pipeline, n in plan[stage]():
+            _same_as_before(out, f"tasks of {name}", n)
             depends = _executor(ex, name, pipeline, n, out, depends)
             executors.append((name, depends))
     return executors
