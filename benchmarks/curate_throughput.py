@@ -57,9 +57,9 @@ def main() -> None:
         )
         reader = WebPageReader(crawl["warc"], progress=False)
         pages, read_s = _timed(lambda: list(reader.run()))
+        html_mb = sum(len(p.text.encode()) for p in pages) / 2**20  # before extraction replaces .text
         docs, extract_s = _timed(lambda: list(ExtractWebDocument(cfg.extract).run(iter(pages))))
         rows.append(("extract (read WARC + DOM)", len(pages), "pages", read_s + extract_s))
-        html_mb = sum(len(p.text.encode()) for p in pages) / 2**20
         rows.append((f"extract, HTML ({html_mb:.0f} MiB)", html_mb, "MiB", read_s + extract_s))
         index = os.path.join(tmp, "index.sqlite")
         _, index_s = _timed(lambda: build_index(sorted(glob.glob(crawl["images"])), index))
