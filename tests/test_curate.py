@@ -5,6 +5,7 @@ read (and trained on) by data.pipeline."""
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import random
@@ -337,3 +338,36 @@ def test_urls_lists_the_extracted_image_urls_for_img2dataset(crawl, curated, cap
     urls = capsys.readouterr().out.split()
     article = next(iter(crawl["facts"]["articles"].values()))
     assert set(article["images"]) <= set(urls) and "https://cdn.example.com/broken/missing.jpg" in urls
+
+
+def test_slurm_executors_chain_the_stages(crawl, tmp_path):
+    from idefics_jax.curate import stages
+
+    ex = stages.Execution(
+        executor="slurm", slurm_partition="cpu", workers=100, slurm_env_command="source venv/bin/activate"
+    )
+    built = stages.build(
+        list(stages.STAGES), str(tmp_path), curate_config.CurateConfig(), ex, crawl["warc"], crawl["images"]
+    )
+    names = [n for n, _ in built]
+    assert names == ["extract", "image_index", "images", "filter", "dedup_signatures", "dedup_decide", "write"]
+    for (_, before), (name, e) in itertools.pairwise(built):
+        assert e.depends is before and e.tasks == (1 if name in ("image_index", "dedup_decide") else 3)
+    script = built[-1][1].get_launch_file_contents(built[-1][1].get_sbatch_args(), "srun true")
+    assert "--partition=cpu" in script and "--job-name=curate-write" in script and "source venv/bin/activate" in script
+
+
+def test_url_blocklist(tmp_path):
+    from datatrove.data import Document
+
+    from idefics_jax.curate.docs import image, set_nodes
+
+    (tmp_path / "block.txt").write_text("bad.example\n")
+    cfg = curate_config.load(overrides={"filter": {"url_blocklist_path": str(tmp_path / "block.txt")}}).filter
+    para = sample.paragraph(random.Random(0))
+    docs = [
+        set_nodes(Document(text="", id=u, metadata={"url": u}), [para, None], [image(u + "i.jpg")])
+        for u in ("https://www.bad.example/", "https://bad.example/", "https://notbad.example/")
+    ]
+    kept = [d.id for d in filters.TextFilters(cfg, str(tmp_path)).run(docs)]
+    assert kept == ["https://notbad.example/"]

@@ -27,8 +27,8 @@ from datatrove.data import Document, Media, MediaType
 from datatrove.pipeline.base import PipelineStep
 from tqdm import tqdm
 
-# Metadata keys that are columns of their own, or only meaningful inside a run.
-_NOT_SAVED = ("texts", "shard", "file_path")
+# Metadata keys that are columns of their own (texts) or only meaningful inside a run (shard).
+_NOT_SAVED = ("texts", "shard")
 
 
 def set_nodes(doc: Document, texts: list, media: list) -> Document:
