@@ -140,10 +140,13 @@ class ShardedParquet:
         self.folder, self.schema, self.row_group_size = folder, schema, row_group_size
         self.shard, self.rows = None, []
         self._writer = None
+        self._done: set[str] = set()
 
     def add(self, shard: str, row: dict) -> None:
         if shard != self.shard:
             self.close()
+            if shard in self._done:  # readers emit a shard's documents contiguously; reopening would truncate it
+                raise RuntimeError(f"shard {shard!r} came back after it was closed")
             self.shard = shard
         self.rows.append(row)
         if len(self.rows) >= self.row_group_size:
@@ -167,6 +170,7 @@ class ShardedParquet:
         self._flush()
         self._writer.close()
         os.replace(self._tmp, os.path.join(self.folder, f"{self.shard}.parquet"))
+        self._done.add(self.shard)
         self._writer, self.shard = None, None
 
 
