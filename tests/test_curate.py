@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -157,7 +158,7 @@ def test_pipeline_batches_the_curated_documents_without_skips(curated, tiny_dir)
 
 @pytest.mark.slow
 def test_tiny_model_trains_on_curated_documents(curated, tmp_path):
-    from testlib import load_config
+    from testlib import load_config, records
 
     from idefics_jax.train.loop import train
 
@@ -169,7 +170,9 @@ def test_tiny_model_trains_on_curated_documents(curated, tmp_path):
         {"curated": {"kind": "documents", "paths": os.path.join(curated, "documents", "*.parquet"), "weight": 1.0}}
     )
     summary = train(c, str(tmp_path))
-    assert summary["final_step"] == 3
+    assert summary["final_step"] == 3 and math.isfinite(summary["last_loss"])
+    last = [r for r in records(os.path.join(tmp_path, "metrics.jsonl")) if "data/curated/examples" in r][-1]
+    assert last["data/curated/examples"] > 0 and last["data/curated/skipped"] == 0, last
 
 
 def _run(args, **kw):
