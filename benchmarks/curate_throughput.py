@@ -70,7 +70,20 @@ def main() -> None:
         rows.append(("filter (OBELICS text filters)", len(docs), "docs", filter_s))
         out = os.path.join(tmp, "out")
         _, run_s = _timed(
-            lambda: cli(["run", "--warc", crawl["warc"], "--images", crawl["images"], "--out", out, "--no-progress"])
+            lambda: cli(
+                [
+                    "run",
+                    "--warc",
+                    crawl["warc"],
+                    "--images",
+                    crawl["images"],
+                    "--out",
+                    out,
+                    "--no-progress",
+                    "--workers",
+                    "1",
+                ]
+            )
         )
         rows.append(("run, local executor, 1 worker", len(pages), "pages", run_s))
 

@@ -66,7 +66,7 @@ def crawl(tmp_path_factory):
 @pytest.fixture(scope="module")
 def curated(crawl, tmp_path_factory):
     out = tmp_path_factory.mktemp("curated") / "out"
-    main(_cli(out, crawl))
+    main(_cli(out, crawl, "--workers", "1"))
     return str(out)
 
 

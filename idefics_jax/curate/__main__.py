@@ -34,7 +34,12 @@ def _parser() -> argparse.ArgumentParser:
             "--config", default="", help="JSON file of thresholds to override (idefics_jax/curate/config.py)"
         )
         s.add_argument("--executor", default="local", choices=("local", "slurm", "ray"))
-        s.add_argument("--workers", type=int, default=1, help="tasks run at once (-1: all)")
+        s.add_argument(
+            "--workers",
+            type=int,
+            default=0,
+            help="tasks run at once (default: local: one per CPU core; slurm/ray: no limit)",
+        )
         s.add_argument("--tasks", type=int, default=0, help="datatrove tasks per stage (0: one per input file)")
         s.add_argument("--no-progress", action="store_true", help="no progress bars")
         s.add_argument("--slurm-partition", default="")

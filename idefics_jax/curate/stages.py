@@ -33,11 +33,12 @@ STAGES = ("extract", "images", "filter", "dedup", "write")
 @dataclasses.dataclass
 class Execution:
     """How stages run. `tasks`: datatrove tasks per parallel stage (0 = one per input file);
-    `workers`: tasks run at once (-1 = all); slurm_* only for executor "slurm"."""
+    `workers`: tasks run at once (0 = local: one per CPU core, SLURM/Ray: no limit); slurm_* only
+    for executor "slurm"."""
 
     executor: str = "local"
     tasks: int = 0
-    workers: int = 1
+    workers: int = 0
     progress: bool = True
     slurm_partition: str = ""
     slurm_time: str = "24:00:00"
@@ -100,13 +101,13 @@ def _same_as_before(out: str, what: str, value) -> None:
 
 def _executor(ex: Execution, name: str, pipeline: list, tasks: int, out: str, depends):
     logging_dir = os.path.join(out, "logs", name)
-    workers = ex.workers if ex.workers > 0 else -1
+    workers = ex.workers if ex.workers > 0 else (os.cpu_count() or 1) if ex.executor == "local" else -1
     if ex.executor == "local":
         from datatrove.executor import LocalPipelineExecutor
 
         # fork: the steps are plain Python (no JAX, no threads of ours) and fork starts in milliseconds.
         return LocalPipelineExecutor(
-            pipeline, tasks=tasks, workers=min(workers, tasks) if workers > 0 else -1, logging_dir=logging_dir,
+            pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=logging_dir,
             depends=depends, start_method="fork",
         )  # fmt: skip
     if ex.executor == "slurm":
