@@ -2,7 +2,8 @@
 
 OBELICS's deduplications plus near-duplicate detection by MinHash-LSH, which OBELICS lacks:
   1. exact URL: of the documents with one URL, the most recent crawl (WARC-Date) is kept;
-  2. image URLs used by more than `max_image_url_count` documents are removed from all of them;
+  2. image URLs used by more than `max_image_url_count` documents (those left by step 1) are
+     removed from all of them;
   3. identical image set: documents whose (non-empty) set of image URLs, frequent ones left out,
      equals an earlier one's;
   4. near duplicates: MinHash (`num_perm` permutations of word `shingle`-grams, datasketch) with
@@ -18,8 +19,8 @@ and writes `decisions.parquet` and `frequent_image_urls.json`), `ApplyDedup` (pa
 trims documents as decided; documents left without an image or text are dropped, so that the
 training pipeline skips nothing). The decision task holds every signature in memory
 (≈ 4·num_perm bytes + 8 per paragraph per document, plus Python overhead: order of 1–2 GB per
-million documents at 128 permutations); past tens of millions of documents, run datatrove's bucketed MinHash stages instead
-(see docs/curation.md).
+million documents at 128 permutations); past tens of millions of documents, step 4 needs
+datatrove's bucketed MinHash stages instead (docs/curation.md).
 """
 
 from __future__ import annotations
