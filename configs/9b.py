@@ -4,7 +4,7 @@
 
 Layout: pure FSDP over all GPUs (fsdp=-1), the frozen LLaMA-7B and ViT kept whole on every GPU
 (14 GB in bf16) so no step re-gathers them; at 4096 wide, tensor parallelism would spend more time
-in NVLink all-reduces than it saves (see README, "The plan").
+in NVLink all-reduces than it saves (see docs/cluster.md, "The plan").
 """
 
 from configs import common

@@ -97,7 +97,7 @@ def train_section() -> ml_collections.ConfigDict:
                 b2=0.999,
                 eps=1e-8,
                 weight_decay=0.1,
-                clip_norm=1.0,
+                clip_norm=1.0,  # global gradient norm threshold (0 = no clipping)
             ),
             checkpoint_every=250,
             keep_checkpoints=3,  # newest kept
@@ -107,6 +107,9 @@ def train_section() -> ml_collections.ConfigDict:
             lock_stale_after_s=300.0,
             eval_every=0,  # 0 = no eval
             eval_steps=4,
+            # Few-shot benchmarks run on the live parameters during training (idefics_jax.eval):
+            # [{task, data, shots: [0, 4], num_samples, every}], scores logged as eval/<task>/<k>shot.
+            eval_tasks=[],
             log_every=10,
             peak_flops_per_device=312e12,  # for MFU: A100 bf16 dense
             guards=dict(

@@ -3,6 +3,7 @@
 Public entry points:
 - `from_hf(path)`: the model loaded from an HF IDEFICS directory (config.json + safetensors).
 - `load(ckpt_dir, step=None)`: the model restored from one of our Orbax checkpoints.
+- `generate(model, input_ids, ...)`: tokens as transformers' `generate` (idefics_jax.generation).
 - `Idefics`, `IdeficsConfig`: the module and its config.
 
 JAX, Flax and Orbax are imported on first use of these, so that light users of the package (the
@@ -40,6 +41,10 @@ def __getattr__(name: str):
         from idefics_jax.ckpt_format import load
 
         return load
+    if name == "generate":
+        from idefics_jax.generation import generate
+
+        return generate
     if name == "Idefics":
         from idefics_jax.models import Idefics
 
@@ -47,4 +52,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'idefics_jax' has no attribute {name!r}")
 
 
-__all__ = ["Idefics", "IdeficsConfig", "PerceiverConfig", "VisionConfig", "from_hf", "load"]
+__all__ = ["Idefics", "IdeficsConfig", "PerceiverConfig", "VisionConfig", "from_hf", "generate", "load"]

@@ -59,11 +59,20 @@ def manager(
     )
 
 
-def read_config(directory: str | os.PathLike, step: int | None = None) -> tuple[int, dict[str, Any]]:
-    """(step, the stored config dict) of `step` (default: the latest) in a checkpoint directory."""
+def read_config(
+    directory: str | os.PathLike, step: int | None = None, verify: bool = False
+) -> tuple[int, dict[str, Any]]:
+    """(step, the stored config dict) of `step` (default: the latest) in a checkpoint directory.
+
+    `verify=True` checks the whole step against its manifest first (CheckpointCorrupt), for callers
+    that read the rest of the step afterwards with verification off (one hashing pass, not two)."""
+    if not os.path.isdir(directory):
+        raise CheckpointNotFound(f"{directory}: no such checkpoint directory")
     mngr = manager(directory, ocp.CheckpointManagerOptions(read_only=True, create=False))
     try:
         step = _step(mngr, directory, step)
+        if verify:
+            verify_step(directory, step)
         cfg = mngr.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
     finally:
         mngr.close()
@@ -126,9 +135,9 @@ def load(
     restored sharded by the logical-axis `rules`.
     """
     from idefics_jax import sharding
-    from idefics_jax.hf import abstract_state
+    from idefics_jax.models import abstract_state
 
-    step, cfg = read_config(directory, step)
+    step, cfg = read_config(directory, step, verify=True)
     config = IdeficsConfig.from_dict(cfg["model"]).replace(**config_overrides)
     graphdef, state = abstract_state(config)
     params = nnx.state(nnx.merge(graphdef, state), nnx.Param)
@@ -137,7 +146,7 @@ def load(
     else:  # on the default device, as from_hf places them (Orbax would return host numpy arrays)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda v: v.replace(device), params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    params = restore_params(directory, params, step, shardings)
+    params = restore_params(directory, params, step, shardings, verify=False)
     return nnx.merge(graphdef, params)
 
 
@@ -163,16 +172,17 @@ def _nest(flat: Mapping[Path, Any]) -> dict[str, Any]:
 class ParamsWriter:
     """Writes step `step` of a checkpoint (`params` + `config` items) from leaves given one by one.
 
-    `add(path, array)` buffers numpy leaves until `group_bytes` would be exceeded, then hands the
-    buffered group to an Orbax partial save (which writes straight from the buffers: no deep copy,
-    no compression; chunks of `CHUNK_BYTES`). `finish(config)` merges the partial saves into one
-    PyTree item, writes the config item, and moves the completed step directory into `directory`
-    with one rename, so the step appears whole or not at all. Peak memory ≈ 2 × max(group_bytes,
-    largest leaf) when each leaf is built after `reserve`: the group plus Orbax's chunked copy of it
-    while it is written.
+    `add(path, array)` queues numpy leaves; `flush()` hands the queued group to one Orbax partial save
+    (which writes straight from the buffers: no deep copy, no compression; chunks of `CHUNK_BYTES`)
+    and drops it. The caller chooses the groups (e.g. `hf.group_by_bytes`): peak memory ≈ 2 × the
+    largest group (the group plus Orbax's chunked copy of it while it is written), while few large
+    saves are faster than many small ones. `finish(config)` merges the partial saves into one PyTree
+    item, writes the config item and the integrity manifest (a step without one is refused on
+    restore), and moves the completed step directory into `directory` with one rename, so the step
+    appears whole or not at all.
     """
 
-    def __init__(self, directory: str | os.PathLike, step: int, group_bytes: int):
+    def __init__(self, directory: str | os.PathLike, step: int):
         self.root = os.path.abspath(os.fspath(directory))
         self.step = step
         os.makedirs(self.root, exist_ok=True)
@@ -183,28 +193,18 @@ class ParamsWriter:
             shutil.rmtree(self.work)
         os.makedirs(self.work)
         self._partial = os.path.join(self.work, PARAMS)
-        self.group_bytes = group_bytes
         self._group: dict[Path, np.ndarray] = {}
-        self._group_size = 0
         self._saved: set[Path] = set()
         self._ctx = ocp_v1.Context()
         self._ctx.memory.deepcopy_host_arrays = False  # the buffers are ours and unchanged until saved
         self._ctx.array.saving.use_compression = False  # float weights barely compress; zstd costs time
         self._ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
 
-    def reserve(self, nbytes: int) -> None:
-        """Writes the queued leaves first if a leaf of `nbytes` would not fit in the group: call it
-        before building the next leaf, so that leaf and a full group are never in memory together."""
-        if self._group and self._group_size + nbytes > self.group_bytes:
-            self.flush()
-
     def add(self, path: Path, value: np.ndarray) -> None:
-        """Queues leaf `path` (numpy array of any shape/dtype) for writing; writes when the group is full."""
+        """Queues leaf `path` (numpy array of any shape/dtype) for the next `flush`."""
         if path in self._group or path in self._saved:
             raise ValueError(f"parameter {'.'.join(path)} added twice")
-        self.reserve(value.nbytes)
         self._group[path] = value
-        self._group_size += value.nbytes
 
     def flush(self) -> None:
         """Writes the queued leaves now (one Orbax partial save) and drops them from memory."""
@@ -213,7 +213,7 @@ class ParamsWriter:
         with self._ctx:
             ocp_partial.save(self._partial, _nest(self._group))
         self._saved.update(self._group)
-        self._group, self._group_size = {}, 0
+        self._group = {}
 
     def finish(self, config: Mapping[str, Any]) -> None:
         """Completes the step: params item from everything added, `config` (must hold `model`)."""
@@ -245,11 +245,6 @@ class ParamsWriter:
         os.rename(step_dir, target)
         shutil.rmtree(self.work)
 
-    def abort(self) -> None:
-        """Removes the unfinished work (the root directory itself is left as it was)."""
-        self._group = {}
-        shutil.rmtree(self.work, ignore_errors=True)
-
 
 def params_metadata(directory: str | os.PathLike, step: int) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
     """{our state path: (shape, numpy dtype)} of the `params` item of `step`, read from metadata only."""
@@ -268,13 +263,17 @@ def params_metadata(directory: str | os.PathLike, step: int) -> dict[Path, tuple
     return {tuple(str(getattr(k, "key", k)) for k in kp): (tuple(m.shape), np.dtype(m.dtype)) for kp, m in flat}
 
 
-def iter_params(directory: str | os.PathLike, step: int, paths: Iterable[Path]) -> Iterator[tuple[Path, np.ndarray]]:
+def iter_params(
+    directory: str | os.PathLike, step: int, paths: Iterable[Path], verify: bool = True
+) -> Iterator[tuple[Path, np.ndarray]]:
     """(path, numpy array) for each of `paths` in the `params` item of `step`, read one leaf at a time.
 
     Each array has its stored shape and dtype; only one is in memory at a time (plus Orbax's read
-    buffers, about half of it).
+    buffers, about half of it). The step is verified against its manifest before the first leaf is
+    read (`verify=False`: the caller already did).
     """
-    verify_step(directory, step)
+    if verify:
+        verify_step(directory, step)
     mngr = manager(directory, ocp.CheckpointManagerOptions(read_only=True, create=False))
     meta = params_metadata(directory, step)
     for path in paths:

@@ -1,4 +1,6 @@
 """python -m idefics_jax.plan --config configs/80b.py [--config.a.b=v ...] [--devices N] [--json OUT]
+python -m idefics_jax.plan --config configs/80b.py --generate [--gen_tensor 8 --gen_batch 8 --gen_prompt_len 1024
+    --gen_new_tokens 64 --gen_images 4 --gen_num_beams 1]  (generation: see `plan_generate`)
 
 Proves a layout the way the compiler sees it, without the cluster: builds the abstract train state
 (nothing allocated), lowers and compiles the trainer's own jitted step (`train.step.make_train_step`)
@@ -70,6 +72,18 @@ _NETWORK = flags.DEFINE_float(
 )
 _PER_NODE = flags.DEFINE_integer("gpus_per_node", 8, "Devices per node (devices are numbered node by node).")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures as JSON to this file.")
+_GENERATE = flags.DEFINE_bool(
+    "generate",
+    False,
+    "Plan generation instead of training: AOT-compile idefics_jax.generate's program (vision, prefill, "
+    "decode loop; bf16) for the config's model with tensor parallelism over --gen_tensor devices.",
+)
+_GEN_TENSOR = flags.DEFINE_integer("gen_tensor", 8, "--generate: devices (all on the 'tensor' mesh axis).")
+_GEN_BATCH = flags.DEFINE_integer("gen_batch", 8, "--generate: prompts per request.")
+_GEN_PROMPT = flags.DEFINE_integer("gen_prompt_len", 1024, "--generate: prompt tokens.")
+_GEN_NEW = flags.DEFINE_integer("gen_new_tokens", 64, "--generate: new tokens.")
+_GEN_IMAGES = flags.DEFINE_integer("gen_images", 4, "--generate: images per prompt.")
+_GEN_BEAMS = flags.DEFINE_integer("gen_num_beams", 1, "--generate: beams (1 = greedy).")
 
 _CHILD_ENV = "IDEFICS_PLAN_DEVICES"
 _DUMP_ENV = "IDEFICS_PLAN_DUMP"
@@ -565,6 +579,87 @@ def estimate(
     )
 
 
+def plan_generate(
+    model_config, tensor: int, batch: int, prompt_len: int, new_tokens: int, num_images: int, num_beams: int
+) -> dict[str, Any]:
+    """Compiles `idefics_jax.generate`'s whole program (vision tower, perceiver, cross-attention
+    keys/values, prefill, decode loop) for `model_config` in bf16 on a mesh of `tensor` devices on the
+    'tensor' axis (the default rules: heads, MLP and vocabulary split, the caches by heads), from
+    abstract inputs; returns per-device bytes (parameters, caches, XLA's arguments / temporaries)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from idefics_jax import hf, sharding
+    from idefics_jax.generation import search
+    from idefics_jax.models.idefics import count_params
+
+    cfg = model_config.replace(dtype="bfloat16", param_dtype="bfloat16", remat="none")
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": tensor})
+    graphdef, abstract = hf.abstract_state(cfg)
+    shardings = sharding.state_shardings(abstract, mesh)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    rep = NamedSharding(mesh, PartitionSpec())
+    size = cfg.vision.image_size
+    inputs = (
+        jax.ShapeDtypeStruct((batch, prompt_len), np.int32, sharding=rep),
+        jax.ShapeDtypeStruct((batch, prompt_len), np.bool_, sharding=rep),
+        jax.ShapeDtypeStruct((batch, num_images, 3, size, size), np.float32, sharding=rep),
+        jax.ShapeDtypeStruct((batch, prompt_len, num_images), np.bool_, sharding=rep),
+    )
+    opts = search.options(cfg, max_new_tokens=new_tokens, num_beams=num_beams)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        lowered = search._program.lower(graphdef, opts, state, *inputs, jax.random.key(0), opts.warp_args())
+        compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    rows, length = batch * num_beams, prompt_len + new_tokens
+    self_cache = 2 * cfg.num_hidden_layers * rows * length * cfg.hidden_size * 2 / tensor
+    cross_cache = 2 * cfg.num_blocks * rows * num_images * cfg.image_seq_len * cfg.hidden_size * 2 / tensor
+    return {
+        "mesh": dict(mesh.shape),
+        "devices": mesh.size,
+        "compile_s": compile_s,
+        "params_total": count_params(abstract),
+        "request": dict(
+            batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, images=num_images, num_beams=num_beams
+        ),
+        "bytes": {
+            "params": shard_bytes(abstract, shardings),
+            "self_attention_cache": self_cache,
+            "cross_attention_cache": cross_cache,
+            "arguments": mem.argument_size_in_bytes,
+            "outputs": mem.output_size_in_bytes,
+            "temporaries": mem.temp_size_in_bytes,
+        },
+    }
+
+
+def report_generate(fig: dict[str, Any], limit_gb: float, reserve_gb: float) -> tuple[str, bool]:
+    """The human-readable generation plan and whether it fits under `limit_gb` per device."""
+    b, r = fig["bytes"], fig["request"]
+    total = b["arguments"] + b["outputs"] + b["temporaries"] + reserve_gb * GB
+    fits = total <= limit_gb * GB
+    mesh = " × ".join(f"{k} {v}" for k, v in fig["mesh"].items())
+    lines = [
+        f"generate: mesh {mesh} = {fig['devices']} devices; bf16; compiled in {fig['compile_s']:.0f} s",
+        f"parameters: {fig['params_total']:,}",
+        f"request: {r['batch']} prompts × {r['prompt_len']} tokens, {r['images']} images each, "
+        f"{r['new_tokens']} new tokens, {r['num_beams']} beam(s)",
+        "",
+        "memory per device",
+        f"  parameters        {_gb(b['params'])}",
+        f"  self-attn cache   {_gb(b['self_attention_cache'])}  (k and v, every layer, prompt + new tokens)",
+        f"  cross-attn cache  {_gb(b['cross_attention_cache'])}  (image keys/values, every gated layer)",
+        f"  = arguments       {_gb(b['arguments'])}  (memory_analysis: parameters + inputs)",
+        f"  outputs           {_gb(b['outputs'])}",
+        f"  temporaries       {_gb(b['temporaries'])}  (caches, activations; CPU compile: an upper bound)",
+        f"  runtime reserve   {_gb(reserve_gb * GB)}",
+        f"  total             {_gb(total)}  of {limit_gb:g} GB: " + ("fits" if fits else "DOES NOT FIT"),
+    ]
+    return "\n".join(lines), fits
+
+
 def _gb(x: float) -> str:
     return f"{x / GB:8.2f} GB" if x >= 0.1 * GB else f"{x / 1e6:8.2f} MB"
 
@@ -633,7 +728,7 @@ def _plan() -> None:
     config = _CONFIG.value
     if config is None:
         raise UserError("--config is required, e.g. --config configs/80b.py")
-    n = _mesh_size(config.mesh, _DEVICES.value)
+    n = _GEN_TENSOR.value if _GENERATE.value else _mesh_size(config.mesh, _DEVICES.value)
     if os.environ.get(_CHILD_ENV) != str(n):
         # Fake devices and the dump must be in place before JAX creates its CPU backend: re-execute.
         dump = tempfile.mkdtemp(prefix="idefics-plan-")
@@ -651,6 +746,18 @@ def _plan() -> None:
     import jax
 
     jax.config.update("jax_enable_compilation_cache", False)  # a cache hit would skip the dump
+    if _GENERATE.value:
+        shutil.rmtree(os.environ.get(_DUMP_ENV, ""), ignore_errors=True)
+        model_config = run_config.parse(config, files=False).model
+        fig = plan_generate(
+            model_config, n, _GEN_BATCH.value, _GEN_PROMPT.value, _GEN_NEW.value, _GEN_IMAGES.value, _GEN_BEAMS.value
+        )
+        text, fits = report_generate(fig, _LIMIT.value, _RESERVE.value)
+        print(text, flush=True)
+        if _JSON.value:
+            with open(_JSON.value, "w") as f:
+                json.dump(fig, f, indent=1)
+        sys.exit(0 if fits else 1)
     try:
         fig = plan(config, _PER_NODE.value)
     finally:

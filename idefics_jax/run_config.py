@@ -150,6 +150,30 @@ def _mesh_sizes(value: Any, where: str) -> list[str]:
     return out
 
 
+def _eval_tasks(value: Any, where: str) -> list[str]:
+    from idefics_jax.eval.tasks import TASKS
+
+    if not isinstance(value, (list, tuple)):
+        return [f"{where}={value!r}: expected a list of {{task, data, shots, num_samples, every}}"]
+    out = []
+    rules = {
+        "task": choice(*TASKS),
+        "data": Rule("a data directory", lambda v: isinstance(v, str) and bool(v)),
+        "shots": Rule("a non-empty list of ints >= 0", lambda v: bool(v) and all(_is_int(x) and x >= 0 for x in v)),
+        "num_samples": integer(1),
+        "every": integer(1),
+    }
+    for i, t in enumerate(value):
+        at = f"{where}[{i}]"
+        if not _is_section(t):
+            out.append(f"{at}={t!r}: expected {{task, data, shots, num_samples, every}}")
+            continue
+        out += [f"{at}.{k}: unknown field; expected one of {sorted(rules)}" for k in t if k not in rules]
+        for k, rule in rules.items():
+            out += rule.problems(t.get(k), f"{at}.{k}")
+    return out
+
+
 def _tokenizer_dir(value: Any, where: str) -> list[str]:
     if isinstance(value, str) and os.path.isdir(value):
         return []
@@ -192,7 +216,7 @@ TRAIN_SCHEMA: dict[str, Rule] = {
     "optimizer.b2": number(0, 1),
     "optimizer.eps": number(0, lo_open=True),
     "optimizer.weight_decay": number(0),
-    "optimizer.clip_norm": optional(number(0, lo_open=True)),
+    "optimizer.clip_norm": number(0),  # 0 = off (a command line cannot set a float field to None)
     "checkpoint_every": integer(1),
     "keep_checkpoints": integer(1),
     "keep_period": integer(0),
@@ -200,6 +224,7 @@ TRAIN_SCHEMA: dict[str, Rule] = {
     "lock_stale_after_s": number(0, lo_open=True),
     "eval_every": integer(0),
     "eval_steps": integer(1),
+    "eval_tasks": Rule("[{task, data, shots, num_samples, every}, ...]", custom=_eval_tasks),
     "log_every": integer(1),
     "peak_flops_per_device": number(0, lo_open=True),
     "guards.max_nonfinite_in_a_row": integer(1),
@@ -367,8 +392,21 @@ def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collectio
     try:
         fv(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        # ml_collections reports a mistyped override as AttributeError(KeyError(message with a hint)).
-        inner = e.args[0] if isinstance(e, AttributeError) and e.args else e
-        detail = " ".join(str(inner.args[0] if isinstance(inner, KeyError) and inner.args else inner).split())
+        unknown = [p for o in overrides if (p := _unknown_field(load(path), o.split("=", 1)[0]))] if overrides else []
+        if unknown:
+            raise ConfigError([f"config {path}: {p}" for p in unknown]) from None
+        detail = " ".join(str(e).split())
         raise ConfigError([f"config {path}: {detail}"]) from None
     return fv.config
+
+
+def _unknown_field(config: ml_collections.ConfigDict, dotted: str) -> str | None:
+    """'override a.b.c: no field c in a.b (did you mean …?)' when `dotted` names no field of `config`."""
+    node, parts = config, dotted.split(".")
+    for i, part in enumerate(parts):
+        if not _is_section(node) or part not in node:
+            where = ".".join(parts[:i]) or "the config"
+            known = list(node.keys()) if _is_section(node) else []
+            return f"override {dotted}: no field {part!r} in {where}{_did_you_mean(part, known)}"
+        node = node[part]
+    return None

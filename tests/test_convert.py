@@ -32,6 +32,14 @@ def convert(*argv):
     assert cw.main([str(a) for a in argv]) == 0
 
 
+def status(*argv) -> int:
+    """Exit status of the CLI run in-process (an input error exits through errors.cli_main)."""
+    try:
+        return cw.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
 def hf_tensors(directory) -> dict[str, np.ndarray]:
     """Every tensor of a saved HF directory, read with safetensors itself (dtype as stored)."""
     out = {}
@@ -123,36 +131,31 @@ def test_bfloat16_and_bin_roundtrip_is_byte_identical(tmp_path):
 
 
 def test_jax_to_hf_from_training_checkpoint_any_step(tmp_path):
-    """A checkpoint as the trainer writes it: params (jax arrays) + opt_state + config + train_state per step."""
+    """A checkpoint as the trainer writes it (train/checkpointer.py): params (jax arrays) + opt_state +
+    config + train_state per step, each step finalised with its integrity manifest."""
     import jax
-    import orbax.checkpoint as ocp
+    import ml_collections
+
+    from idefics_jax.models import abstract_state
+    from idefics_jax.train.checkpointer import Checkpointer
 
     config = IdeficsConfig.from_hf(hf_config())
-    mngr = ckpt_format.manager(
-        tmp_path / "run", items=(ckpt_format.PARAMS, ckpt_format.CONFIG, ckpt_format.OPT_STATE, ckpt_format.TRAIN_STATE)
-    )
-    abstract = nnx.to_pure_dict(hf.abstract_state(config)[1])
+    abstract = abstract_state(config)[1]
+    train_cfg = ml_collections.ConfigDict(dict(keep_checkpoints=5, keep_period=0, async_checkpointing=False))
+    ckpt = Checkpointer(str(tmp_path / "run"), train_cfg)
+    run_config = ml_collections.ConfigDict({"model": config.to_dict(), "train": {"lr": 1e-4}})
     states = {}
     for step in (3, 7):
         rng = np.random.default_rng(step)
-        pure = jax.tree.map(lambda a, rng=rng: jax.numpy.asarray(rng.standard_normal(a.shape, np.float32)), abstract)
-        states[step] = pure
-        mngr.save(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    ckpt_format.PARAMS: ocp.args.StandardSave(pure),
-                    ckpt_format.OPT_STATE: ocp.args.StandardSave(jax.tree.map(jax.numpy.zeros_like, pure)),
-                    ckpt_format.CONFIG: ocp.args.JsonSave({"model": config.to_dict(), "train": {"lr": 1e-4}}),
-                    ckpt_format.TRAIN_STATE: ocp.args.JsonSave({"step": step}),
-                }
-            ),
-        )
-    mngr.wait_until_finished()
-    mngr.close()
+        params = jax.tree.map(lambda a, rng=rng: jax.numpy.asarray(rng.standard_normal(a.shape, np.float32)), abstract)
+        states[step] = nnx.to_pure_dict(params)
+        state = {"params": params, "frozen": nnx.State({}), "opt_state": jax.tree.map(jax.numpy.zeros_like, params)}
+        ckpt.save(step, state, {"step": step}, run_config)
+    ckpt.close()
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["3", "7"]
     for step, argv in ((3, ["--step", "3"]), (7, [])):
         out = tmp_path / f"hf{step}"
-        convert("jax-to-hf", "--ckpt", tmp_path / "run", "--out", out, *argv)
+        convert("jax-to-hf", "--ckpt", tmp_path / "run" / "checkpoints", "--out", out, *argv)
         tensors = hf_tensors(out)
         for e in hf.entries(config):
             value = states[step]
@@ -162,12 +165,41 @@ def test_jax_to_hf_from_training_checkpoint_any_step(tmp_path):
                 np.testing.assert_array_equal(tensors[name], t, err_msg=f"step {step} {name}")
 
 
+def _flip_bytes(path, n=400):
+    """Flips `n` bytes in the middle of a file (bit rot)."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + n] = bytes(b ^ 0xFF for b in data[mid : mid + n])
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_checkpoint_is_refused_in_one_line(saved, tmp_path):
+    """The real CLI on one of our checkpoints with bytes flipped in its largest params data file: exit
+    status 1, one line naming the step and the file, no traceback, no output left; `load` refuses it."""
+    convert("hf-to-jax", "--hf", saved[1] / "single", "--out", tmp_path / "ckpt")
+    files = [p for p in (tmp_path / "ckpt" / "0" / "params").rglob("*") if p.is_file()]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    _flip_bytes(largest)
+    r = subprocess.run(
+        [sys.executable, TOOL, "jax-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "step 0 failed verification" in lines[0] and largest.name in lines[0], lines[0]
+    assert leftovers(tmp_path, "out") == []
+    with pytest.raises(ckpt_format.CheckpointCorrupt, match=largest.name):  # idefics_jax.load verifies too
+        idefics_jax.load(tmp_path / "ckpt")
+
+
 def test_out_is_refused_unless_overwrite_and_replaced_atomically(saved, tmp_path):
     _, root = saved
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "old").write_text("x")
-    assert cw.main(["hf-to-jax", "--hf", str(root / "single"), "--out", str(out)]) == 1
+    assert status("hf-to-jax", "--hf", root / "single", "--out", out) == 1
     assert os.listdir(out) == ["old"]
     convert("hf-to-jax", "--hf", root / "single", "--out", out, "--overwrite")
     assert os.listdir(out) == ["0"] and leftovers(tmp_path, "ckpt") == ["ckpt"]
@@ -321,7 +353,7 @@ def test_new_params_equal_eager_init_in_groups():
     }
     new = [p for p in fresh if cw.is_new(p)]
     groups = [new[:3], new[3:4], new[4:]]
-    got = dict(cw.new_params(config, 9, groups))
+    got = {path: value for group in groups for path, value in cw.new_params(config, 9, group)}
     assert sorted(got) == sorted(new)
     for p in new:
         np.testing.assert_allclose(got[p], np.asarray(fresh[p]), rtol=1e-6, atol=1e-9, err_msg=str(p))
@@ -416,7 +448,7 @@ def test_bad_hf_input(saved, tmp_path, capsys, case):
     shutil.copytree(saved[1] / layout, src)
     edit(src)
     capsys.readouterr()
-    assert cw.main(["hf-to-jax", "--hf", str(src), "--out", str(tmp_path / "out")]) == 1
+    assert status("hf-to-jax", "--hf", src, "--out", tmp_path / "out") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
     assert leftovers(tmp_path, "out") == []
@@ -463,18 +495,8 @@ def test_init_architecture_mismatch(sources, tmp_path, capsys, case):
         message = r"clip/config\.json: model_type='siglip_vision_model'; expected one of"
     capsys.readouterr()
     assert (
-        cw.main(
-            [
-                "init",
-                "--clip",
-                str(clip),
-                "--llama",
-                str(llama),
-                "--config",
-                str(root / "tiny_idefics.py"),
-                "--out",
-                str(tmp_path / "out"),
-            ]
+        status(
+            "init", "--clip", clip, "--llama", llama, "--config", root / "tiny_idefics.py", "--out", tmp_path / "out"
         )
         == 1
     )

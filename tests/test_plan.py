@@ -14,7 +14,7 @@ from flax import nnx
 
 from idefics_jax import plan
 from idefics_jax.config import IdeficsConfig
-from idefics_jax.models import Idefics
+from idefics_jax.models import abstract_model
 from idefics_jax.models.freeze import trainable_mask
 
 
@@ -124,7 +124,7 @@ def by_hand(config) -> dict[str, int]:
         "vision_heads": "tensor",
         "vision_mlp": "tensor",
     }
-    model = nnx.eval_shape(lambda: Idefics(IdeficsConfig.from_dict(config.model), rngs=nnx.Rngs(0)))
+    model = abstract_model(IdeficsConfig.from_dict(config.model))
     trains = {p: bool(v.get_value()) for p, v in nnx.to_flat_state(trainable_mask(model))}
     out = {"trainable": 0, "frozen": 0, "trainable_count": 0, "count": 0}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from idefics_jax.config import IdeficsConfig, PerceiverConfig, VisionConfig
-from idefics_jax.models import Idefics
+from idefics_jax.models import Idefics, abstract_state
 
 
 def _config(layers: int, vision_layers: int | None = None, depth: int = 6, **kw) -> IdeficsConfig:
@@ -40,7 +40,7 @@ def _config(layers: int, vision_layers: int | None = None, depth: int = 6, **kw)
 
 
 def _compile_seconds(config: IdeficsConfig) -> float:
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Idefics(config, rngs=nnx.Rngs(0))))
+    graphdef, state = abstract_state(config)
     b, t, n = 2, 64, 2
     args = (
         jax.ShapeDtypeStruct((b, t), jnp.int32),

@@ -9,7 +9,7 @@ from transformers import IdeficsConfig as HFConfig
 from transformers import IdeficsForVisionText2Text
 
 from idefics_jax.config import IdeficsConfig
-from idefics_jax.models import Idefics, count_params
+from idefics_jax.models import abstract_model, count_params
 from idefics_jax.models.freeze import trainable_mask
 
 # Also stated in README.md ("Model sizes").
@@ -17,7 +17,7 @@ EXPECTED = {"9b": (8_929_679_632, 1_560_497_936), "80b": (79_967_843_624, 14_051
 
 
 def ours(config: IdeficsConfig) -> tuple[int, int]:
-    model = nnx.eval_shape(lambda: Idefics(config, rngs=nnx.Rngs(0)))
+    model = abstract_model(config)
     params = nnx.state(model, nnx.Param)
     mask = dict(nnx.to_flat_state(trainable_mask(model)))
     trainable = sum(int(np.prod(v.shape)) for p, v in nnx.to_flat_state(params) if mask[p].get_value())

@@ -13,8 +13,10 @@ restores one stacked array and `hf.SafetensorsWriter` writes its per-layer slice
 in pre-planned shards. Peak memory is about twice the largest stacked parameter, never the model.
 
 Output is written into a temporary sibling of --out and renamed at the end; an existing --out is
-refused unless --overwrite. Any bad input ends with exit status 1 and one line on stderr naming the
-file, the tensor and what was expected; nothing is left behind.
+refused unless --overwrite. Our checkpoints carry integrity manifests: the ones written here get one,
+and a checkpoint read here is verified against its manifest first. Any bad input (a missing file,
+wrong tensor names or shapes, a corrupt checkpoint) ends with exit status 1 and one line on stderr
+naming the file, the tensor and what was expected (--debug: the traceback); nothing is left behind.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from idefics_jax.errors import UserError, cli_main, quiet_start
+
 EXAMPLES = {
     "hf-to-jax": "example:\n  python tools/convert_weights.py hf-to-jax --hf ~/idefics-80b --out /ckpt/idefics-80b "
     "--dtype bfloat16\n  then: idefics_jax.load('/ckpt/idefics-80b'), or init_from it in training",
@@ -45,10 +49,6 @@ EXAMPLES = {
 }
 
 
-class ConversionError(Exception):
-    """A bad input: the message is the one line printed to stderr."""
-
-
 # Output directory handling ------------------------------------------------------------------------
 
 
@@ -57,7 +57,7 @@ def atomic_output(out: str, overwrite: bool) -> Iterator[str]:
     """Yields a fresh temporary sibling of `out`; renames it to `out` on success, removes it on failure."""
     out = os.path.abspath(out)
     if os.path.lexists(out) and not overwrite:
-        raise ConversionError(f"{out}: already exists; pass --overwrite to replace it")
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
@@ -89,29 +89,31 @@ def _np_dtype(name: str) -> np.dtype:
     return np.dtype(jnp.dtype(name))
 
 
-def _group_bytes(entries, dtype: np.dtype) -> int:
-    """Leaves per Orbax partial save: up to the largest stacked parameter, at least 64 MiB (fewer saves)."""
-    largest = max(int(np.prod(e.shape)) for e in entries) * dtype.itemsize
-    return max(largest, 64 * 2**20)
+def _group_budget(entries, dtype: np.dtype) -> int:
+    """Bytes per Orbax partial save (and per jitted initialisation): up to the model's largest stacked
+    parameter, at least 64 MiB (fewer, larger saves), so peak memory stays about twice the largest
+    parameter whatever the model."""
+    return max(max(e.nbytes(dtype) for e in entries), 64 * 2**20)
 
 
-def _checked_reader(reader, where: Callable[[str], str], rename: Callable[[str], str], expected, bar):
-    """`read(idefics_name)` for `hf.read_stacked`: reads `rename(name)`, checks its shape naming the file."""
+def _write_groups(writer, table, dtype: np.dtype, budget: int, build: Callable[[list], Iterator[tuple[Any, Any]]]):
+    """Writes the parameters of `table` into the ParamsWriter `writer`, cut by `hf.group_by_bytes` into
+    groups of `budget` bytes: `build(group of entries)` yields (path, numpy array) for the group, which
+    is then written as one Orbax partial save."""
     from idefics_jax import hf
 
-    def read(name: str) -> np.ndarray:
-        src = rename(name)
-        t = reader.get(src)
-        # Unmap at once: pages read through a map count in RSS while it stays open.
-        reader.close()
-        if tuple(t.shape) != expected[name]:
-            raise hf.CheckpointError(
-                f"{where(src)}: tensor {src!r} has shape {tuple(t.shape)}; expected {expected[name]} from the config"
-            )
-        bar.update()
-        return t
+    for group in hf.group_by_bytes([(e, e.nbytes(dtype)) for e in table], budget):
+        for path, value in build(group):
+            writer.add(path, value)
+        writer.flush()
 
-    return read
+
+def _read_from(reader, dtype: np.dtype, tick: Callable[[], Any], rename: Callable[[str], str] | None = None):
+    """`build` for `_write_groups`: each parameter of a group read from the HF `reader` (its tensors
+    named `rename(IDEFICS name)` there), shape-checked, cast to `dtype`; `tick()` after each tensor."""
+    from idefics_jax import hf
+
+    return lambda group: ((e.path, hf.read_stacked(e, reader, dtype, rename, tick)) for e in group)
 
 
 # hf-to-jax ----------------------------------------------------------------------------------------
@@ -125,30 +127,26 @@ def hf_to_jax(args) -> None:
     config_path = os.path.join(args.hf, "config.json")
     config = _hf_config(config_path, lambda d: IdeficsConfig.from_hf(d, param_dtype=args.dtype))
     reader = hf.HFReader(args.hf)
-    hf.check_keys(config, reader.keys(), hf.listing_file(reader))
-    entries = hf.entries(config)
+    table = hf.entries(config)
+    hf.check_keys(reader, hf.hf_shapes(table), hf.ignorable(config))
     dtype = _np_dtype(args.dtype)
     with atomic_output(args.out, args.overwrite) as tmp:
-        writer = ckpt_format.ParamsWriter(tmp, 0, _group_bytes(entries, dtype))
-        expected = {name: e.hf_shape for e in entries for _, name in e.hf_items()}
-        with _progress(len(expected), args.progress, "hf-to-jax") as bar:
-            read = _checked_reader(reader, lambda n: hf.file_of(reader, n), lambda n: n, expected, bar)
-            for e in entries:
-                writer.reserve(int(np.prod(e.shape)) * dtype.itemsize)
-                writer.add(e.path, hf.read_stacked(e, read, dtype))
+        writer = ckpt_format.ParamsWriter(tmp, 0)
+        with _progress(len(hf.hf_shapes(table)), args.progress, "hf-to-jax") as bar:
+            _write_groups(writer, table, dtype, _group_budget(table, dtype), _read_from(reader, dtype, bar.update))
         writer.finish({"model": config.to_dict(), "converted_from": {"hf": os.path.abspath(args.hf)}})
 
 
 def _hf_config(path: str, build: Callable[[dict], Any]):
     """`build(config.json dict)`, turning every failure into a one-line error naming the file."""
     if not os.path.exists(path):
-        raise ConversionError(f"{path}: missing; expected the model's config.json")
+        raise UserError(f"{path}: missing; expected the model's config.json")
     try:
         with open(path) as f:
             d = json.load(f)
         return build(d)
     except (ValueError, TypeError) as e:  # JSON errors, model_type, field validation
-        raise ConversionError(f"{path}: {e}") from e
+        raise UserError(f"{path}: {e}") from e
 
 
 # jax-to-hf ----------------------------------------------------------------------------------------
@@ -173,39 +171,36 @@ def jax_to_hf(args) -> None:
     from idefics_jax import ckpt_format, hf
     from idefics_jax.config import IdeficsConfig
 
-    try:
-        step, cfg = ckpt_format.read_config(args.ckpt, args.step)
-    except FileNotFoundError as e:
-        raise ConversionError(str(e)) from e
-    if "model" not in cfg:
-        raise ConversionError(f"{args.ckpt}: step {step} config has no 'model' section; expected IdeficsConfig fields")
+    # Verified before anything is read (the files against the step's manifest): a corrupt checkpoint
+    # is refused here rather than half-converted.
+    step, cfg = ckpt_format.read_config(args.ckpt, args.step, verify=True)
     config = IdeficsConfig.from_dict(cfg["model"])
     entries = hf.entries(config)
     stored = ckpt_format.params_metadata(args.ckpt, step)
     where = f"{os.path.abspath(args.ckpt)} step {step} params"
     for e in entries:
         if e.path not in stored:
-            raise ConversionError(f"{where}: parameter {'.'.join(e.path)!r} is missing; expected {list(e.shape)}")
+            raise UserError(f"{where}: parameter {'.'.join(e.path)!r} is missing; expected {list(e.shape)}")
         if stored[e.path][0] != e.shape:
-            raise ConversionError(
+            raise UserError(
                 f"{where}: parameter {'.'.join(e.path)!r} has shape {list(stored[e.path][0])}; "
                 f"expected {list(e.shape)} from its config"
             )
     extra = sorted(set(stored) - {e.path for e in entries})
     if extra:
-        raise ConversionError(f"{where}: unexpected parameter {'.'.join(extra[0])!r}; not part of its config's model")
+        raise UserError(f"{where}: unexpected parameter {'.'.join(extra[0])!r}; not part of its config's model")
     out_dtype = {e.path: _np_dtype(args.dtype) if args.dtype else stored[e.path][1] for e in entries}
     if args.tokenizer:
         tok_files = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(args.tokenizer, f))]
         if not tok_files:
-            raise ConversionError(f"{args.tokenizer}: no tokenizer files; expected one of {', '.join(TOKENIZER_FILES)}")
-    plan = [(name, e.hf_shape, out_dtype[e.path]) for e in entries for _, name in e.hf_items()]
+            raise UserError(f"{args.tokenizer}: no tokenizer files; expected one of {', '.join(TOKENIZER_FILES)}")
+    plan = [(name, shape, out_dtype[e.path]) for e in entries for name, shape in hf.hf_shapes([e]).items()]
     by_path = {e.path: e for e in entries}
     with atomic_output(args.out, args.overwrite) as tmp:
         writer = hf.SafetensorsWriter(tmp, plan, hf.parse_size(args.max_shard_size))
         try:
             with _progress(len(plan), args.progress, "jax-to-hf") as bar:
-                for path, value in ckpt_format.iter_params(args.ckpt, step, list(by_path)):
+                for path, value in ckpt_format.iter_params(args.ckpt, step, list(by_path), verify=False):
                     e = by_path[path]
                     for name, t in hf.iter_hf(e, value):
                         writer.write(name, t.astype(out_dtype[path], copy=False))
@@ -241,12 +236,12 @@ def is_new(path: tuple[str, ...]) -> bool:
 def load_config_file(path: str):
     """`get_config()` of a config file given by path (as ml_collections' config_flags loads it)."""
     if not os.path.isfile(path):
-        raise ConversionError(f"{path}: no such config file; expected a Python file with get_config()")
+        raise UserError(f"{path}: no such config file; expected a Python file with get_config()")
     spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(os.path.abspath(path)))}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ConversionError(f"{path}: defines no get_config()")
+        raise UserError(f"{path}: defines no get_config()")
     return module.get_config()
 
 
@@ -254,7 +249,7 @@ def _expect(path: str, pairs: list[tuple[str, Any, Any, str]]) -> None:
     """Raises naming the first (field, got, expected, our field) that differs."""
     for field, got, want, ours in pairs:
         if got != want:
-            raise ConversionError(f"{path}: {field}={got!r}; expected {want!r}, the IDEFICS config's {ours}")
+            raise UserError(f"{path}: {field}={got!r}; expected {want!r}, the IDEFICS config's {ours}")
 
 
 def _transformers_config(path: str, classes: dict[str, str]):
@@ -263,13 +258,13 @@ def _transformers_config(path: str, classes: dict[str, str]):
     d = _hf_config(path, lambda d: d)
     kind = d.get("model_type")
     if kind not in classes:
-        raise ConversionError(f"{path}: model_type={kind!r}; expected one of {tuple(classes)}")
+        raise UserError(f"{path}: model_type={kind!r}; expected one of {tuple(classes)}")
     import transformers
 
     try:
         return kind, getattr(transformers, classes[kind]).from_pretrained(os.path.dirname(path))
     except (ValueError, TypeError, OSError) as e:
-        raise ConversionError(f"{path}: {e}") from e
+        raise UserError(f"{path}: {e}") from e
 
 
 def check_clip(path: str, config) -> str:
@@ -345,44 +340,25 @@ def check_llama(path: str, config) -> None:
     )
 
 
-def _check_source_keys(reader, expected: set[str], ignore: Callable[[str], bool]) -> None:
-    from idefics_jax import hf
-
-    keys = set(reader.keys())
-    missing = sorted(expected - keys)
-    if missing:
-        raise hf.CheckpointError(
-            f"{hf.listing_file(reader)}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)"
-        )
-    unexpected = sorted(k for k in keys - expected if not ignore(k))
-    if unexpected:
-        raise hf.CheckpointError(
-            f"{hf.file_of(reader, unexpected[0])}: unexpected tensor {unexpected[0]!r} "
-            f"({len(unexpected)} unexpected in all); not part of the configured architecture"
-        )
-
-
-def new_params(config, seed: int, groups: list[list[tuple[str, ...]]]) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+def new_params(config, seed: int, paths: list[tuple[str, ...]]) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """(path, numpy array) for the given parameters, equal to `Idefics(config, rngs=nnx.Rngs(seed))`'s
     (same random stream; the last bit may differ where XLA fuses the scale-and-cast).
 
-    The whole model's initialisation is traced under `jax.jit` but only the group's parameters are
-    outputs, so XLA drops every other initialiser: memory is the group, not the (80B) model.
+    The whole model's initialisation is traced under `jax.jit` but only these parameters are outputs,
+    so XLA drops every other initialiser: memory is these parameters, not the (80B) model.
     """
     import jax
     from flax import nnx
 
     from idefics_jax.models import Idefics
 
-    for group in groups:
+    def init():
+        state = nnx.state(Idefics(config, rngs=nnx.Rngs(seed)), nnx.Param)
+        flat = {tuple(str(k) for k in p): v for p, v in nnx.to_flat_state(state)}
+        return [flat[p].get_value() for p in paths]
 
-        def init(group=tuple(group)):
-            state = nnx.state(Idefics(config, rngs=nnx.Rngs(seed)), nnx.Param)
-            flat = {tuple(str(k) for k in p): v for p, v in nnx.to_flat_state(state)}
-            return [flat[p].get_value() for p in group]
-
-        for path, value in zip(group, jax.jit(init)()):
-            yield path, np.asarray(value)
+    for path, value in zip(paths, jax.jit(init)()):
+        yield path, np.asarray(value)
 
 
 def init(args) -> None:
@@ -396,7 +372,7 @@ def init(args) -> None:
         if args.dtype:
             config = config.replace(param_dtype=args.dtype)
     except (ValueError, TypeError, AttributeError) as e:
-        raise ConversionError(f"{args.config}: {e}") from e
+        raise UserError(f"{args.config}: {e}") from e
     clip_kind = check_clip(os.path.join(args.clip, "config.json"), config)
     check_llama(os.path.join(args.llama, "config.json"), config)
     clip, llama = hf.HFReader(args.clip), hf.HFReader(args.llama)
@@ -408,45 +384,29 @@ def init(args) -> None:
     vision = [e for e in entries if e.path[0] == "vision_model"]
     text = [e for e in entries if e.path[0] != "vision_model" and not is_new(e.path)]
     new = [e for e in entries if is_new(e.path)]
-    _check_source_keys(
+    # A CLIPModel's text tower and projections: there, but not taken.
+    clip_other = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
+    hf.check_keys(
         clip,
-        {from_clip(n) for e in vision for _, n in e.hf_items()},
-        lambda k: (
-            k.endswith(hf.BUFFER_SUFFIXES)
-            or (
-                clip_kind == "clip"
-                and k.startswith(("text_model.", "visual_projection.", "text_projection.", "logit_scale"))
-            )
-        ),
+        [from_clip(n) for n in hf.hf_shapes(vision)],
+        lambda k: hf.is_buffer(k) or (clip_kind == "clip" and k.startswith(clip_other)),
     )
-    _check_source_keys(llama, {n for e in text for _, n in e.hf_items()}, lambda k: k.endswith(hf.BUFFER_SUFFIXES))
-    seed = args.seed if args.seed is not None else int(cfg.get("seed", 0) or 0)
+    hf.check_keys(llama, hf.hf_shapes(text))
+    seed = args.seed if args.seed is not None else cfg.get("seed", 0)
     dtype = _np_dtype(config.param_dtype)
-    budget = _group_bytes(entries, dtype)
-    groups: list[list[tuple[str, ...]]] = [[]]
-    size = 0
-    for e in new:
-        nbytes = int(np.prod(e.shape)) * dtype.itemsize
-        if groups[-1] and size + nbytes > budget:
-            groups.append([])
-            size = 0
-        groups[-1].append(e.path)
-        size += nbytes
-    expected = {name: e.hf_shape for e in vision + text for _, name in e.hf_items()}
     with atomic_output(args.out, args.overwrite) as tmp:
-        writer = ckpt_format.ParamsWriter(tmp, 0, budget)
-        with _progress(len(expected) + len(new), args.progress, "init") as bar:
-            for e in vision:
-                writer.reserve(int(np.prod(e.shape)) * dtype.itemsize)
-                read = _checked_reader(clip, lambda n: hf.file_of(clip, n), from_clip, expected, bar)
-                writer.add(e.path, hf.read_stacked(e, read, dtype))
-            for e in text:
-                writer.reserve(int(np.prod(e.shape)) * dtype.itemsize)
-                read = _checked_reader(llama, lambda n: hf.file_of(llama, n), lambda n: n, expected, bar)
-                writer.add(e.path, hf.read_stacked(e, read, dtype))
-            for path, value in new_params(config, seed, [g for g in groups if g]):
-                writer.add(path, value)
-                bar.update()
+        writer = ckpt_format.ParamsWriter(tmp, 0)
+        with _progress(len(hf.hf_shapes(vision + text)) + len(new), args.progress, "init") as bar:
+            budget = _group_budget(entries, dtype)
+            _write_groups(writer, vision, dtype, budget, _read_from(clip, dtype, bar.update, from_clip))
+            _write_groups(writer, text, dtype, budget, _read_from(llama, dtype, bar.update))
+
+            def initialise(group):
+                for path, value in new_params(config, seed, [e.path for e in group]):
+                    yield path, value
+                    bar.update()
+
+            _write_groups(writer, new, dtype, budget, initialise)
         writer.finish(
             {
                 "model": config.to_dict(),
@@ -484,6 +444,7 @@ def parser() -> argparse.ArgumentParser:
             default="auto",
             help="progress bar over tensors on stderr (auto: only on a terminal)",
         )
+        s.add_argument("--debug", action="store_true", help="show the traceback of an input error")
 
     s = sub.add_parser(
         "hf-to-jax",
@@ -564,24 +525,15 @@ def _return_freed_memory() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status (0, or 1 after one error line on stderr)."""
+    """Runs the CLI; returns 0, or exits with status 1 after one error line on stderr (a UserError:
+    bad input files, tensors, shapes, a corrupt checkpoint; the traceback with --debug)."""
     args = parser().parse_args(argv)
+    quiet_start()
     _return_freed_memory()
-    # Orbax and absl log routine warnings to stderr; keep it for the progress bar and errors.
+    # Orbax logs routine warnings (e.g. about read-only managers) to stderr; keep it for the progress
+    # bar and errors.
     logging.getLogger().setLevel(logging.ERROR)
-    try:
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.ERROR)
-    except ImportError:
-        pass
-    from idefics_jax.hf import CheckpointError
-
-    try:
-        args.run(args)
-    except (ConversionError, CheckpointError, FileExistsError) as e:
-        print(f"convert_weights.py {args.command}: error: {e}".replace("\n", " "), file=sys.stderr)
-        return 1
+    cli_main(f"convert_weights.py {args.command}", lambda: args.run(args), debug=args.debug)
     return 0
 
 

@@ -32,6 +32,7 @@ import bisect
 import hashlib
 import logging
 import os
+import signal
 from typing import Any
 
 import grain
@@ -390,6 +391,15 @@ class _DataSteps:
         return d
 
 
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+    """Grain workers ignore SIGTERM/SIGINT: a scheduler signals the whole process group (SLURM's
+    job-step SIGTERM), and the trainer — not its workers — decides when to stop; it saves a
+    checkpoint, then shuts the workers down itself."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Pipeline:
     """This process's share of the global batches, by training step.
 
@@ -448,7 +458,8 @@ class Pipeline:
             it = it.mp_prefetch(
                 grain.MultiprocessingOptions(
                     num_workers=self.cfg.worker_count, per_worker_buffer_size=self.cfg.prefetch_batches
-                )
+                ),
+                worker_init_fn=_ignore_stop_signals,
             )
         return iter(it)
 

@@ -14,6 +14,16 @@ writes under OUT_DIR
     pairs_parquet/pairs-00000.parquet  pairs as parquet (image bytes, text)
     heldout/{docs,pairs}-00000.parquet  a held-out split (new documents and pairs) for evaluation
 
+and, built separately by `eval_tasks(dir)` (so the training data above is unchanged by it), under
+OUT_DIR/eval-v{_EVAL_VERSION}:
+
+    coco/dataset_coco.json, coco/{train2014,val2014}/   a captioning task in COCO's Karpathy format
+    vqav2/v2_OpenEnded_mscoco_{train2014,val2014}_questions.json, v2_mscoco_*_annotations.json,
+    vqav2/{train2014,val2014}/   a VQA task in VQAv2's format ("What colour is the shape?",
+                                 "What shape is this?", ten identical human answers)
+    fewshot/docs-00000.parquet   OBELICS-layout documents written in the few-shot prompt format
+                                 (configs/tiny_eval.py trains on them so that the tasks are learnable)
+
 Every image is a coloured shape on a plain background and every caption / following sentence names
 the colour and the shape, so a model trained on it can only lower its loss on those words by
 looking at the image: the loss falling below the text-only floor is the sign that cross-attention
@@ -332,6 +342,113 @@ def ensure(out_dir: str | None = None) -> dict[str, str]:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return paths(out_dir)
+
+
+_EVAL_VERSION = "1"
+N_EVAL_TRAIN = 96  # images in each eval task's train split (demonstrations)
+N_EVAL_TEST = 40  # images in each eval task's test split
+N_FEWSHOT_DOCS = 400
+_QUESTIONS = (("What colour is the shape?", "c"), ("What shape is this?", "s"))
+
+
+def _eval_images(rng: random.Random, directory: str, subset: str, n: int, first_id: int) -> list[tuple[int, dict]]:
+    """Draws `n` images into directory/subset/COCO_{subset}_{id:012d}.jpg; returns (id, attributes)."""
+    os.makedirs(os.path.join(directory, subset), exist_ok=True)
+    out = []
+    for k in range(n):
+        img, attrs = draw(rng)
+        image_id = first_id + k
+        with open(os.path.join(directory, subset, f"COCO_{subset}_{image_id:012d}.jpg"), "wb") as f:
+            f.write(jpeg(img))
+        out.append((image_id, attrs))
+    return out
+
+
+def _fewshot_document(rng: random.Random) -> list[tuple[str | None, bytes | None]]:
+    """One document in the evaluation prompt format: 1-5 demonstrations of one task (captions or
+    one of the two questions), each its image then "Caption: …\n" / "Question: … Answer: …\n"; one
+    in four starts with two text-only demonstrations, as zero-shot prompts do."""
+    question = rng.choice((None, *_QUESTIONS))
+
+    def text(attrs: dict) -> str:
+        if question is None:
+            return f"Caption: {rng.choice(_CAPTIONS).format(**attrs)}\n"
+        return f"Question: {question[0]} Answer: {attrs[question[1]]}\n"
+
+    items: list[tuple[str | None, bytes | None]] = []
+    if rng.random() < 0.25:
+        items.append(("".join(text(draw(rng)[1]) for _ in range(2)), None))
+    for _ in range(rng.randint(1, 5)):
+        img, attrs = draw(rng)
+        items += [(None, jpeg(img)), (text(attrs), None)]
+    return items
+
+
+def _write_eval_tasks(root: str, seed: int) -> None:
+    rng = random.Random(seed)
+    coco = os.path.join(root, "coco")
+    images = []
+    for subset, split, n, first in (("train2014", "train", N_EVAL_TRAIN, 1), ("val2014", "test", N_EVAL_TEST, 10**5)):
+        for image_id, attrs in _eval_images(rng, coco, subset, n, first):
+            captions = rng.sample(_CAPTIONS, 5)
+            images.append(
+                {
+                    "filepath": subset,
+                    "filename": f"COCO_{subset}_{image_id:012d}.jpg",
+                    "cocoid": image_id,
+                    "split": split,
+                    "sentences": [{"raw": c.format(**attrs)} for c in captions],
+                }
+            )
+    with open(os.path.join(coco, "dataset_coco.json"), "w") as f:
+        json.dump({"images": images, "dataset": "coco"}, f)
+
+    vqa = os.path.join(root, "vqav2")
+    for subset, n, first in (("train2014", N_EVAL_TRAIN, 1), ("val2014", N_EVAL_TEST, 10**5)):
+        questions, annotations = [], []
+        for image_id, attrs in _eval_images(rng, vqa, subset, n, first):
+            for q, (text, key) in enumerate(_QUESTIONS):
+                qid = image_id * 10 + q
+                questions.append({"image_id": image_id, "question": text, "question_id": qid})
+                answers = [{"answer": attrs[key], "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)]
+                annotations.append(
+                    {"question_id": qid, "image_id": image_id, "answers": answers, "multiple_choice_answer": attrs[key]}
+                )
+        with open(os.path.join(vqa, f"v2_OpenEnded_mscoco_{subset}_questions.json"), "w") as f:
+            json.dump({"questions": questions, "data_subtype": subset}, f)
+        with open(os.path.join(vqa, f"v2_mscoco_{subset}_annotations.json"), "w") as f:
+            json.dump({"annotations": annotations, "data_subtype": subset}, f)
+
+    os.makedirs(os.path.join(root, "fewshot"), exist_ok=True)
+    docs = [_fewshot_document(rng) for _ in range(N_FEWSHOT_DOCS)]
+    _write_docs_parquet(os.path.join(root, "fewshot", "docs-00000.parquet"), docs, None, first_id=2 * 10**6)
+
+
+def eval_tasks(out_dir: str | None = None, seed: int = 1) -> dict[str, str]:
+    """Builds (once, atomically, like `ensure`) the tiny evaluation tasks next to the tiny dataset in
+    `out_dir` (default `default_dir()`). Returns {"coco": data dir, "vqav2": data dir, "fewshot":
+    parquet glob, "tokenizer": the tiny tokenizer}."""
+    p = ensure(out_dir)
+    root = os.path.join(p["root"], f"eval-v{_EVAL_VERSION}")
+    if not os.path.exists(os.path.join(root, "COMPLETE")):
+        tmp = tempfile.mkdtemp(prefix=".eval-", dir=p["root"])
+        try:
+            _write_eval_tasks(tmp, seed)
+            open(os.path.join(tmp, "COMPLETE"), "w").close()
+            try:
+                os.rename(tmp, root)
+            except OSError:  # another process won the race
+                if not os.path.exists(os.path.join(root, "COMPLETE")):
+                    shutil.rmtree(root, ignore_errors=True)
+                    os.rename(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "coco": os.path.join(root, "coco"),
+        "vqav2": os.path.join(root, "vqav2"),
+        "fewshot": os.path.join(root, "fewshot", "*.parquet"),
+        "tokenizer": p["tokenizer"],
+    }
 
 
 def config(out_dir: str | None = None, split: str = "train") -> ml_collections.ConfigDict:

@@ -1,5 +1,6 @@
-"""Flax NNX modules of IDEFICS; `Idefics` is the whole model."""
+"""Flax NNX modules of IDEFICS; `Idefics` is the whole model, `abstract_model` / `abstract_state` its
+shapes and dtypes without allocating anything."""
 
-from idefics_jax.models.idefics import Idefics, count_params
+from idefics_jax.models.idefics import Idefics, abstract_model, abstract_state, count_params
 
-__all__ = ["Idefics", "count_params"]
+__all__ = ["Idefics", "abstract_model", "abstract_state", "count_params"]

@@ -44,17 +44,30 @@ class CrossAttention(nnx.Module):
             self.q_layer_norm = self.k_layer_norm = None
         self.num_heads = config.num_attention_heads
 
-    def __call__(self, x: jax.Array, image_states: jax.Array, mask: jax.Array, live: jax.Array) -> jax.Array:
-        """x [B, T, D], image_states [B, N*S, E], mask bool [B, 1, T, N*S], live bool [B, T] (tokens
-        that see some image) → [B, T, D]; tokens that see no image give exactly zero."""
+    def keys_values(self, image_states: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """image_states [B, N*S, E] → keys (normed when qk_layer_norms), values [B, N*S, heads, head_dim].
+
+        They depend only on the images, so generation computes them once per prompt."""
         n = self.num_heads
-        q = L.split_heads(checkpoint_name(self.q_proj(x), "qkv"), n)
         k = L.split_heads(checkpoint_name(self.k_proj(image_states), "qkv"), n)
         v = L.split_heads(checkpoint_name(self.v_proj(image_states), "qkv"), n)
+        if self.k_layer_norm is not None:
+            k = self.k_layer_norm(k)
+        return k, v
+
+    def attend(self, x: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, live: jax.Array) -> jax.Array:
+        """x [B, T, D] over `keys_values` k, v [B, N*S, heads, head_dim]; mask bool [B, 1, T, N*S],
+        live bool [B, T] (tokens that see some image) → [B, T, D]; tokens that see no image give
+        exactly zero."""
+        q = L.split_heads(checkpoint_name(self.q_proj(x), "qkv"), self.num_heads)
         if self.q_layer_norm is not None:
-            q, k = self.q_layer_norm(q), self.k_layer_norm(k)
+            q = self.q_layer_norm(q)
         out = checkpoint_name(L.attention(q, k, v, mask, q.shape[-1] ** -0.5, live), "attn_out")
         return self.o_proj(out)
+
+    def __call__(self, x: jax.Array, image_states: jax.Array, mask: jax.Array, live: jax.Array) -> jax.Array:
+        """x [B, T, D], image_states [B, N*S, E], mask bool [B, 1, T, N*S], live bool [B, T] → [B, T, D]."""
+        return self.attend(x, *self.keys_values(image_states), mask, live)
 
 
 class GatedCrossAttentionLayer(nnx.Module):
@@ -84,8 +97,17 @@ class GatedCrossAttentionLayer(nnx.Module):
     ) -> jax.Array:
         """h [B, T, D]; image_states [B, N*S, E], mask bool [B, 1, T, N*S] and live bool [B, T], or all
         None (text only, where the attention contributes nothing) → [B, T, D]."""
-        if image_states is not None:
-            attn = self.cross_attn(self.input_layernorm(h), image_states, mask, live)
+        kv = None if image_states is None else self.cross_attn.keys_values(image_states)
+        return self.with_keys_values(h, kv, mask, live)
+
+    def with_keys_values(
+        self, h: jax.Array, kv: tuple[jax.Array, jax.Array] | None, mask: jax.Array | None, live: jax.Array | None
+    ) -> jax.Array:
+        """The layer given the cross-attention's `keys_values` (k, v [B, N*S, heads, head_dim]) instead
+        of the image states, or None (text only); other shapes as `__call__`. Generation calls it
+        with the keys/values it computed at prefill."""
+        if kv is not None:
+            attn = self.cross_attn.attend(self.input_layernorm(h), *kv, mask, live)
             h = h + self._gate(self.alpha_cross_attn, h.dtype) * attn
         return h + self._gate(self.alpha_dense, h.dtype) * self.mlp(self.post_attention_layernorm(h))
 

@@ -194,6 +194,11 @@ class Idefics(nnx.Module):
         cos, sin = L.rotary(position_ids, cfg.head_dim, cfg.rope_theta)
         ctx = Context(cos, sin, mask, mask.any(-1)[:, 0], image_states, image_mask, image_live)
         h = L.scan(self.blocks, lambda blk, x: blk(x, ctx), h, "none")
+        return self.logits(h)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """The last block's output h [B, T, D] → float32 logits [B, T, V + A] (final norm, then the
+        head or, tied, the embedding transposed)."""
         h = self.norm(h)
         if self.lm_head is not None:
             return self.lm_head(h)
@@ -212,3 +217,14 @@ def _check_shape(x: Any, shape: tuple[int, ...], name: str) -> jax.Array:
 def count_params(tree: Any) -> int:
     """Number of scalars in a tree of arrays / ShapeDtypeStructs / nnx Variables."""
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def abstract_model(config: IdeficsConfig) -> Idefics:
+    """`Idefics(config)` whose Variables hold jax.ShapeDtypeStructs (shapes and dtypes as the real
+    model's: params in `config.param_dtype`): nothing is allocated, so it works for 80B on a laptop."""
+    return nnx.eval_shape(lambda: Idefics(config, rngs=nnx.Rngs(0)))
+
+
+def abstract_state(config: IdeficsConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, abstract state) of `Idefics(config)`: `nnx.split(abstract_model(config))`."""
+    return nnx.split(abstract_model(config))

@@ -25,15 +25,26 @@ class SelfAttention(nnx.Module):
         self.o_proj = L.Linear(d, d, ("heads", "embed"), **kw)
         self.num_heads = config.num_attention_heads
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, live: jax.Array) -> jax.Array:
-        """x [B, T, D]; cos/sin [B, T, head_dim] float32; mask bool [B, 1, T, T]; live bool [B, T]
-        (rows of `mask` that are not all False) → [B, T, D]."""
+    def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, D]; cos/sin [B, T, head_dim] float32 → q, k (rotated), v [B, T, N, head_dim].
+
+        Split from `attend` so generation can write k/v into its cache between the two."""
         n = self.num_heads
         q = L.apply_rotary(L.split_heads(checkpoint_name(self.q_proj(x), "qkv"), n), cos, sin)
         k = L.apply_rotary(L.split_heads(checkpoint_name(self.k_proj(x), "qkv"), n), cos, sin)
         v = L.split_heads(checkpoint_name(self.v_proj(x), "qkv"), n)
+        return q, k, v
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, live: jax.Array) -> jax.Array:
+        """q [B, T, N, H] over k, v [B, S, N, H]; mask bool [B, 1, T, S]; live bool [B, T] (rows of
+        `mask` that are not all False) → [B, T, D]."""
         out = checkpoint_name(L.attention(q, k, v, mask, q.shape[-1] ** -0.5, live), "attn_out")
         return self.o_proj(out)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, live: jax.Array) -> jax.Array:
+        """x [B, T, D]; cos/sin [B, T, head_dim] float32; mask bool [B, 1, T, T]; live bool [B, T]
+        (rows of `mask` that are not all False) → [B, T, D]."""
+        return self.attend(*self.project(x, cos, sin), mask, live)
 
 
 class DecoderLayer(nnx.Module):
@@ -57,4 +68,8 @@ class DecoderLayer(nnx.Module):
     def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, live: jax.Array) -> jax.Array:
         """h [B, T, D] → [B, T, D] (see SelfAttention for the other shapes)."""
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, live)
+        return self.feed_forward(h)
+
+    def feed_forward(self, h: jax.Array) -> jax.Array:
+        """The layer's second half, h [B, T, D] → h + mlp(norm(h)) (also the decode step's)."""
         return h + self.mlp(self.post_attention_layernorm(h))

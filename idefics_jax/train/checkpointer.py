@@ -123,31 +123,56 @@ class Checkpointer:
 
     def restorable_step(self, say: Callable[[str], None] | None = None) -> int | None:
         """The newest step that verifies; the ones that fail are set aside, each reported through
-        `say` (default: a logged warning) saying why. None when there is no checkpoint; UserError when
-        there are some and none verifies (never a silent start from scratch)."""
+        `say` (default: a logged warning) saying why. A step Orbax committed whose manifest was never
+        written (the run died in between) is set aside as `unverified-…` when an older step verifies,
+        and adopted (its manifest written now, with a warning) when none does. None when there is no
+        checkpoint and none was ever set aside as corrupt; UserError when none verifies (never a
+        silent start from scratch)."""
         say = say or log.warning
-        bad = []
+        bad, unverified = [], []
         for step in sorted(self.manager.all_steps(), reverse=True):
+            if not integrity.has_manifest(self.step_dir(step)):
+                unverified.append(step)
+                continue
             index, count = jax.process_index(), jax.process_count()
             problems = integrity.verify(self.step_dir(step), (index, count))
             if not _any_process(bool(problems)):
-                if bad:
+                for newer in unverified:
+                    self._set_aside(newer, "unverified", "was committed but its manifest was never written", say)
+                if bad or unverified:
                     self.manager.reload()
                 return step
-            if jax.process_index() == 0:
-                where = _set_aside(self.directory, step, "corrupt")
-                more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-                say(f"checkpoint step {step} failed verification: {problems[0]}{more}; set aside as {where}")
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            detail = problems[0] + more if problems else "another process found the difference (its log names the file)"
+            self._set_aside(step, "corrupt", f"failed verification: {detail}", say)
             bad.append(step)
-            _sync(f"checkpoint {step} set aside")
         if bad:
             self.manager.reload()
+        if unverified:
+            step = unverified[0]
+            integrity.write_manifest(self.step_dir(step), jax.process_index(), jax.process_count())
+            _sync("manifest of an unverified step written")
+            say(
+                f"checkpoint step {step} was committed but its manifest was never written (the run stopped in "
+                "between) and no older step verifies: using it unverified (its manifest is written now)"
+            )
+            return step
+        # Set aside by this start or an earlier one: either way this run had checkpoints.
+        aside = sorted(n for n in os.listdir(self.directory) if n.startswith("corrupt-"))
+        if aside:
             raise UserError(
-                f"no checkpoint in {self.directory} verifies: steps {bad} failed (set aside as corrupt-<step>-<time>; "
-                "the messages above say which files). Refusing to start from scratch in a run that had checkpoints: "
-                "restore them from a copy, or use a new --workdir"
+                f"no checkpoint in {self.directory} verifies ({', '.join(aside)} failed verification"
+                f"{'; the messages above say which files' if bad else ''}). Refusing to start from scratch in a run "
+                "that had checkpoints: restore them from a copy, or use a new --workdir"
             )
         return None
+
+    def _set_aside(self, step: int, kind: str, why: str, say: Callable[[str], None]) -> None:
+        """Process 0 renames `step` to `<kind>-<step>-<time>` and says why; everyone waits for it."""
+        if jax.process_index() == 0:
+            where = _set_aside(self.directory, step, kind)
+            say(f"checkpoint step {step} {why}; set aside as {where}")
+        _sync(f"checkpoint {step} set aside")
 
     def restore(self, step: int, lay: Layout) -> tuple[dict[str, Any], dict[str, Any]]:
         """(train state placed with `lay`'s shardings — any mesh —, train_state JSON) of a verified `step`."""
@@ -216,7 +241,10 @@ class Checkpointer:
             self.manager.wait_until_finished()
             self.manager.check_for_errors()
         except Exception as e:
-            failed, self._pending = self._pending[-1], []  # abandoned: its temporary directory is tidied at the next start
+            failed, self._pending = (
+                self._pending[-1],
+                [],
+            )  # abandoned: its temporary directory is tidied at the next start
             raise self._save_error(failed, f"failed ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
         for step in self._pending:
             integrity.write_manifest(self.step_dir(step), jax.process_index(), jax.process_count())
@@ -244,7 +272,9 @@ class Checkpointer:
         if free < need:
             raise self._save_error(step, f"not enough space: a checkpoint takes {_gb(need)}")
         if free < 1.5 * need:
-            log.warning("%s has %s free; a checkpoint takes %s: the disk is nearly full", self.directory, _gb(free), _gb(need))
+            log.warning(
+                "%s has %s free; a checkpoint takes %s: the disk is nearly full", self.directory, _gb(free), _gb(need)
+            )
 
     def _save_error(self, step: int, what: str) -> CheckpointSaveError:
         # Orbax's background threads may keep logging the same failure; one line is enough.

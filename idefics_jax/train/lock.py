@@ -123,16 +123,21 @@ class WorkdirLock:
 
     def _beat(self) -> None:
         interval = max(self.stale_after_s / 10, 0.05)
-        while not self._stop.wait(interval):
-            held = _read(self.path)
-            if held is None or held.get("token") != self.info["token"]:
-                self.lost = self.describe(held) if held else "the lock file was removed"
-                return
-            self.info["heartbeat"] = time.time()
-            tmp = f"{self.path}.{self.info['token']}"
-            with open(tmp, "w") as f:
-                json.dump(self.info, f)
-            os.replace(tmp, self.path)
+        while not self._stop.wait(interval) and self._beat_once():
+            pass
+
+    def _beat_once(self) -> bool:
+        """Rewrites the heartbeat; False (and `lost` says why) once the lock is no longer ours."""
+        held = _read(self.path)
+        if held is None or held.get("token") != self.info["token"]:
+            self.lost = self.describe(held) if held else "the lock file was removed"
+            return False
+        self.info["heartbeat"] = time.time()
+        tmp = f"{self.path}.{self.info['token']}"
+        with open(tmp, "w") as f:
+            json.dump(self.info, f)
+        os.replace(tmp, self.path)
+        return True
 
     def check(self) -> None:
         """Raises WorkdirLocked when another run has taken the lock over."""

@@ -63,6 +63,7 @@ def _train(run: Run, lay: state_lib.Layout, workdir: str, lock: WorkdirLock | No
     pipe = _open_pipeline(run, guards, meta.get("data"))
     train_step = make_train_step(lay, tc.z_loss, tc.micro_batches, len(pipe.dataset_names))
     evaluator = Evaluator.create(run, lay)
+    fewshot = FewShot.create(run, lay)
     meter = Meter(run, lay, pipe.dataset_names)
     scales = {s: v for s, v in tc.debug.loss_scale_at_steps}
     stop = SignalStop()
@@ -89,6 +90,8 @@ def _train(run: Run, lay: state_lib.Layout, workdir: str, lock: WorkdirLock | No
             )
             if evaluator is not None and step % tc.eval_every == 0:
                 writer.log_eval(step, evaluator(state), tc.eval_steps)
+            if fewshot is not None:
+                fewshot(step, state, writer)
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 ckpt.save(step, state, _train_state(run, step, state, pipe, guards), run.config)
                 saved = step
@@ -179,9 +182,9 @@ def _check_same_model(path: str, saved: dict, ours: IdeficsConfig, what: str) ->
 
 def _init_from(path: str, lay: state_lib.Layout):
     """Full params from a converted (or any) checkpoint whose model architecture equals ours."""
-    step, saved = fmt.read_config(path)
+    step, saved = fmt.read_config(path, verify=True)
     _check_same_model(path, saved, lay.model_config, "train.init_from")
-    return fmt.restore_params(path, lay.abstract_params(), step, lay.params_shardings()), step
+    return fmt.restore_params(path, lay.abstract_params(), step, lay.params_shardings(), verify=False), step
 
 
 def _check_resumable(ckpt: Checkpointer, step: int, run: Run, lay: state_lib.Layout) -> None:
@@ -305,6 +308,43 @@ class Evaluator:
         return out
 
 
+class FewShot:
+    """The few-shot benchmarks of `train.eval_tasks` (idefics_jax.eval), each at its interval, on the
+    live parameters (no checkpoint round trip); prompts are batched by the micro-batch size."""
+
+    def __init__(self, run: Run, lay: state_lib.Layout):
+        self.tasks, self.lay = run.train.eval_tasks, lay
+        self.processor = data_lib.Processor(run.data.tokenizer_path, image_size=lay.model_config.vision.image_size)
+        self.batch_size = lay.micro_batch_rows_per_device * lay.mesh.shape["data"] * lay.mesh.shape["fsdp"]
+
+    @classmethod
+    def create(cls, run: Run, lay: state_lib.Layout) -> FewShot | None:
+        return cls(run, lay) if run.train.eval_tasks else None
+
+    def __call__(self, step: int, state: dict, writer: Writer) -> None:
+        from flax import nnx
+
+        from idefics_jax.eval import evaluate
+
+        due = [t for t in self.tasks if step % t["every"] == 0]
+        if not due:
+            return
+        model = nnx.merge(self.lay.graphdef, state["params"], state["frozen"])
+        for t in due:
+            with self.lay.activate():
+                result = evaluate(
+                    model,
+                    self.processor,
+                    t["task"],
+                    t["data"],
+                    shots=list(t["shots"]),
+                    num_samples=t["num_samples"],
+                    batch_size=self.batch_size,
+                    progress=False,
+                )
+            writer.log_fewshot(step, t["task"], result)
+
+
 class SignalStop:
     """Records SIGTERM (SLURM preemption, `scancel`) so the loop saves and exits at a step boundary."""
 
@@ -364,9 +404,9 @@ class Guards:
                 raise TrainingStopped(
                     f"{self.nonfinite_run} steps in a row had a non-finite loss or gradient "
                     f"(train.guards.max_nonfinite_in_a_row={self.cfg.max_nonfinite_in_a_row}); stopping. "
-                    "The skipped steps never reached the parameters, so the last checkpoint holds the "
-                    "state before them; lower the learning rate or skip the data range "
-                    "(data.skip_steps) and restart."
+                    "The skipped steps never reached the parameters, so the newest checkpoint holds the "
+                    "state from before them (a restart verifies it first; --verify_only checks it now); lower "
+                    "the learning rate or skip the data range (data.skip_steps) and restart."
                 )
             return
         self.nonfinite_run = 0

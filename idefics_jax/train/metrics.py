@@ -57,6 +57,13 @@ class Writer:
         self.write(step, {"eval": result})
         self.console(f"eval at step {step} | held-out loss {result['loss']:.4f} over {batches} batches")
 
+    def log_fewshot(self, step: int, task: str, result: Mapping[str, Mapping[str, Any]]) -> None:
+        """Writes few-shot scores (`idefics_jax.eval.evaluate`'s result) as eval/<task>/<k>shot and prints them."""
+        self.write(step, {"eval": {task: {f"{k}shot": r["mean"] for k, r in result.items()}}})
+        scores = ", ".join(f"{k}-shot {r['mean']:.2f}" for k, r in result.items())
+        metric = next(iter(result.values()))["metric"]
+        self.console(f"eval at step {step} | {task} {metric}: {scores}")
+
     def console(self, line: str) -> None:
         if self.active:
             print(line, file=sys.stderr, flush=True)

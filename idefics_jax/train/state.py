@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from idefics_jax import sharding
+from idefics_jax import models, sharding
 from idefics_jax.config import IdeficsConfig
 from idefics_jax.errors import UserError
 from idefics_jax.models import Idefics
@@ -48,10 +48,10 @@ def _decays(owner: nnx.Module, leaf: str) -> bool:
 
 
 def optimizer(opt: ml_collections.ConfigDict, lr: optax.Schedule, decay_mask: Any) -> optax.GradientTransformation:
-    """Global-norm clipping (off when clip_norm is None) then AdamW on schedule `lr` with `decay_mask`
+    """Global-norm clipping (off when clip_norm is 0) then AdamW on schedule `lr` with `decay_mask`
     (a pytree of bools like the params)."""
     adamw = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=decay_mask)
-    if opt.clip_norm is None:
+    if opt.clip_norm == 0:
         return optax.chain(optax.identity(), adamw)  # same state structure as with clipping
     return optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw)
 
@@ -110,7 +110,7 @@ def layout(run: Run | ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Lay
         if config.train.get("frozen_sharding_rules")
         else rules
     )
-    abstract_model = nnx.eval_shape(lambda: Idefics(model_config, rngs=nnx.Rngs(0)))
+    abstract_model = models.abstract_model(model_config)
     mask = {p: bool(v.get_value()) for p, v in nnx.to_flat_state(trainable_mask(abstract_model))}
     owners = {tuple(p): n for p, n in nnx.iter_graph(abstract_model) if isinstance(n, nnx.Module)}
     graphdef, params, frozen = nnx.split(abstract_model, lambda path, _: mask[tuple(path)], nnx.Param)
