@@ -5,6 +5,7 @@ read (and trained on) by data.pipeline."""
 from __future__ import annotations
 
 import glob
+import importlib.util
 import itertools
 import json
 import math
@@ -219,6 +220,10 @@ def test_config_errors_name_the_field(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["run", "--warc", str(tmp_path / "none*.warc"), "--images", "x", "--out", str(tmp_path / "o")])
     assert "no file matches" in capsys.readouterr().err
+    if importlib.util.find_spec("ray") is None:
+        with pytest.raises(SystemExit):
+            main(["extract", "--html", str(tmp_path / "bad.json"), "--out", str(tmp_path / "r"), "--executor", "ray"])
+        assert "--executor ray needs ray" in capsys.readouterr().err
 
 
 def test_rerun_with_other_tasks_or_config_is_refused(crawl, curated, capsys):

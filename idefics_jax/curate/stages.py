@@ -122,10 +122,12 @@ def _executor(ex: Execution, name: str, pipeline: list, tasks: int, out: str, de
             env_command=ex.slurm_env_command or None,
         )  # fmt: skip
     if ex.executor == "ray":
-        try:
-            from datatrove.executor import RayPipelineExecutor
-        except ImportError as e:
-            raise UserError("--executor ray needs ray installed (pip install 'datatrove[ray]')") from e
+        import importlib.util
+
+        from datatrove.executor import RayPipelineExecutor
+
+        if importlib.util.find_spec("ray") is None:  # datatrove would only find out when the run starts
+            raise UserError("--executor ray needs ray installed (pip install 'datatrove[ray]')")
         return RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir, depends=depends)
     raise UserError(f"--executor {ex.executor!r}: expected local, slurm or ray")
 
