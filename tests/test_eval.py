@@ -195,7 +195,7 @@ def _random_checkpoint(directory) -> None:
 
     config = run_config.parse(run_config.load(os.path.join(ROOT, "configs", "tiny.py"))).model
     model = Idefics(config, rngs=nnx.Rngs(0))
-    writer = ParamsWriter(directory, 0, 1 << 30)
+    writer = ParamsWriter(directory, 0)
     for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         writer.add(tuple(str(p) for p in path), np.asarray(v.get_value()))
     writer.finish({"model": config.to_dict()})
