@@ -46,6 +46,7 @@ def quiet_start() -> None:
 
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     absl_logging.get_absl_handler().addFilter(_drop_known_noise)
+    logging.getLogger("absl").addFilter(_drop_known_noise)  # when absl.app is not running (argparse CLIs)
     sys.unraisablehook = _without_late_loop_callbacks(sys.unraisablehook)
 
 
