@@ -66,3 +66,12 @@ def test_dict_round_trip_through_config_files():
 def test_invalid_config_names_field_and_value(make, field):
     with pytest.raises(ValueError, match=re.escape(field)):
         make()
+
+
+def test_layer_tables_cover_exactly_the_names_the_config_accepts():
+    # config.py validates activation and remat names without importing JAX; models/layers.py maps them.
+    from idefics_jax import config
+    from idefics_jax.models import layers
+
+    assert set(layers.ACT_FNS) == set(config.ACTIVATIONS)
+    assert set(layers.REMAT_POLICIES) | {"none"} == set(config.REMAT_POLICIES)
