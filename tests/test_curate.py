@@ -358,9 +358,14 @@ def test_slurm_executors_chain_the_stages(crawl, tmp_path):
         list(stages.STAGES), str(tmp_path), curate_config.CurateConfig(), ex, crawl["warc"], crawl["images"]
     )
     names = [n for n, _ in built]
-    assert names == ["extract", "image_index", "images", "filter", "dedup_signatures", "dedup_decide", "write"]
+    assert names == [
+        "extract", "image_index", "images", "filter", "dedup_signatures", "dedup_buckets", "dedup_image_sets",
+        "dedup_decide", "write",
+    ]  # fmt: skip
+    partitions = curate_config.DedupConfig().partitions
     for (_, before), (name, e) in itertools.pairwise(built):
-        assert e.depends is before and e.tasks == (1 if name in ("image_index", "dedup_decide") else 3)
+        tasks = {"image_index": 1, "dedup_decide": 1, "dedup_buckets": partitions, "dedup_image_sets": partitions}
+        assert e.depends is before and e.tasks == tasks.get(name, 3)
     script = built[-1][1].get_launch_file_contents(built[-1][1].get_sbatch_args(), "srun true")
     assert "--partition=cpu" in script and "--job-name=curate-write" in script and "source venv/bin/activate" in script
 
@@ -379,3 +384,30 @@ def test_url_blocklist(tmp_path):
     ]
     kept = [d.id for d in filters.TextFilters(cfg, str(tmp_path)).run(docs)]
     assert kept == ["https://notbad.example/"]
+
+
+@pytest.mark.parametrize("partitions", [1, 4])
+def test_dedup_decisions_do_not_depend_on_the_partitions(crawl, curated, tmp_path, partitions):
+    from idefics_jax.curate import dedup
+    from idefics_jax.curate.docs import DocReader
+
+    cfg = curate_config.load(path=crawl["config"], overrides={"dedup": {"partitions": partitions}}).dedup
+    folder = str(tmp_path)
+    list(dedup.DedupSignatures(folder, cfg).run(DocReader(os.path.join(curated, "filtered", "*.parquet")).run()))
+    kinds = os.listdir(os.path.join(folder, "buckets"))
+    assert sorted(kinds) == ["band", "image", "paragraph", "url"]
+    for kind in kinds:  # every key lands in one of the `partitions` partitions
+        assert {int(p) for p in os.listdir(os.path.join(folder, "buckets", kind))} <= set(range(partitions))
+    for step in (dedup.DedupBuckets, dedup.DedupImageSets):
+        for rank in range(partitions):
+            list(step(folder, cfg).run(rank=rank, world_size=partitions))
+    list(dedup.DedupDecide(folder, cfg).run())
+    reference = os.path.join(curated, "dedup")  # the run's default partitions
+    decisions = pq.read_table(os.path.join(folder, "decisions.parquet")).to_pylist()
+    assert decisions == pq.read_table(os.path.join(reference, "decisions.parquet")).to_pylist()
+    assert {d["reason"] for d in decisions} == {"dup_url", "dup_image_set", "near_duplicate", ""}
+    with (
+        open(os.path.join(folder, "frequent_image_urls.json")) as a,
+        open(os.path.join(reference, "frequent_image_urls.json")) as b,
+    ):
+        assert json.load(a) == json.load(b) != []

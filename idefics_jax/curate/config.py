@@ -104,13 +104,16 @@ class FilterConfig:
 class DedupConfig:
     """Deduplication. `max_image_url_count`: an image URL used by more documents than this is
     dropped from all of them (OBELICS: 10; logos, buttons). MinHash over word `shingle`-grams with
-    `num_perm` permutations, LSH at Jaccard `minhash_threshold` (not in OBELICS)."""
+    `num_perm` permutations, LSH at Jaccard `minhash_threshold` (not in OBELICS). `partitions`:
+    hash partitions of the dedup keys, one decision task each (memory per task ∝ corpus/partitions;
+    the output does not depend on it)."""
 
     max_image_url_count: int = 10
     minhash_threshold: float = 0.8
     num_perm: int = 128
     shingle: int = 5
     seed: int = 1
+    partitions: int = 16
 
 
 @dataclasses.dataclass
@@ -154,8 +157,8 @@ def _check(section: str, name: str, default, value):
         or (isinstance(default, int) and value != int(value))
     ):
         raise UserError(f"curate config {where}={value!r}: expected a {type(default).__name__}")
-    if value < 0:
-        raise UserError(f"curate config {where}={value!r}: expected ≥ 0")
+    if value < (1 if name == "partitions" else 0):  # partitions: at least one decision task
+        raise UserError(f"curate config {where}={value!r}: expected ≥ {1 if name == 'partitions' else 0}")
     if isinstance(default, float) and name not in _NOT_RATIOS and value > 1:
         raise UserError(f"curate config {where}={value!r}: expected a ratio in [0, 1]")
     return type(default)(value)

@@ -15,7 +15,17 @@ import os
 from idefics_jax.errors import UserError
 
 # datatrove executors (stages.build names) in pipeline order.
-EXECUTORS = ("extract", "image_index", "images", "filter", "dedup_signatures", "dedup_decide", "write")
+EXECUTORS = (
+    "extract",
+    "image_index",
+    "images",
+    "filter",
+    "dedup_signatures",
+    "dedup_buckets",
+    "dedup_image_sets",
+    "dedup_decide",
+    "write",
+)
 # Counters that are removals (the chart and the "removed" column).
 _REMOVAL_PREFIXES = (
     "node_",

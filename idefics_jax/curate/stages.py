@@ -6,7 +6,8 @@
     DIR/image_index.sqlite    url → image in the store (images.build_index)
     DIR/images/*.parquet      … with image bytes, failing images removed
     DIR/filtered/*.parquet    … after the text filters; DIR/filtered/_removed/ examples for the report
-    DIR/dedup/                signatures/*.parquet, decisions.parquet, frequent_image_urls.json
+    DIR/dedup/                buckets/<kind>/<p>/*.parquet (keys by partition), partitions/<p>/*.parquet
+                          (duplicates found in each), decisions.parquet, frequent_image_urls.json
     DIR/documents/*.parquet   the result: OBELICS-layout parquet for data.pipeline
     DIR/logs/<stage>/         datatrove's logs, per-task stats and completion markers
 
@@ -137,7 +138,7 @@ def build(
 ) -> list[tuple[str, object]]:
     """Executors for `stages` (in STAGES order), each depending on the previous one.
     `pages`: WARC/.html glob (extract); `images`: image store glob (images)."""
-    from idefics_jax.curate.dedup import ApplyDedup, DedupDecide, DedupSignatures
+    from idefics_jax.curate.dedup import ApplyDedup, DedupBuckets, DedupDecide, DedupImageSets, DedupSignatures
     from idefics_jax.curate.docs import DocReader, DocWriter, list_files
     from idefics_jax.curate.extract import ExtractWebDocument, WebPageReader
     from idefics_jax.curate.filters import TextFilters
@@ -172,8 +173,10 @@ def build(
             ("filter", [docs_in("images"), TextFilters(cfg.filter, os.path.join(folder("filtered"), "_removed")), DocWriter(folder("filtered"))], tasks)
         ],
         "dedup": lambda: [
-            ("dedup_signatures", [docs_in("filtered"), DedupSignatures(os.path.join(folder("dedup"), "signatures"), cfg.dedup)], tasks),
-            ("dedup_decide", [DedupDecide(os.path.join(folder("dedup"), "signatures"), folder("dedup"), cfg.dedup)], 1),
+            ("dedup_signatures", [docs_in("filtered"), DedupSignatures(folder("dedup"), cfg.dedup)], tasks),
+            ("dedup_buckets", [DedupBuckets(folder("dedup"), cfg.dedup)], cfg.dedup.partitions),
+            ("dedup_image_sets", [DedupImageSets(folder("dedup"), cfg.dedup)], cfg.dedup.partitions),
+            ("dedup_decide", [DedupDecide(folder("dedup"), cfg.dedup)], 1),
         ],
         "write": lambda: [
             ("write", [docs_in("filtered"), ApplyDedup(folder("dedup")), DocWriter(folder("documents"), cfg.write.row_group_size)], tasks)
