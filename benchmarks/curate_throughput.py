@@ -7,7 +7,8 @@ navigation, banners, comments, 3 images and `--page-kib` KiB of site menu):
   * extract: pages/s (WARC read + decode + selectolax DOM simplification);
   * images: documents/s resolving images from an img2dataset tar (index lookup, full decode, checks);
   * filter: documents/s through OBELICS's node- and document-level text filters (no lid/KenLM);
-  * dedup: MinHash signatures (documents/s) and the single-task decision pass for growing corpora;
+  * dedup: MinHash signatures (documents/s), the partitioned passes (buckets and image sets, all
+    `dedup.partitions` tasks run one after another here) and the final merge, for growing corpora;
   * the whole `run` through datatrove's local executor (1 worker), pages/s end to end.
 Rates are per task (one core); datatrove runs one task per core and per node, so a cluster's rate
 is this times the cores (docs/curation.md has the estimate).
@@ -91,7 +92,9 @@ def main() -> None:
     for name, n, unit, s in rows:
         print(f"{name:<32} {n:>7.0f} {s:>8.2f} {n / s:>10.1f} {unit}/s")
 
-    print(f"\n{'MinHash dedup, documents':<26} {'signatures/s':>13} {'decide s':>9} {'decide docs/s':>14}")
+    print(
+        f"\n{'MinHash dedup, documents':<26} {'signatures/s':>13} {'partitions s':>13} {'merge s':>8} {'docs/s after signatures':>24}"
+    )
     rng = random.Random(0)
     for n in (int(x) for x in args.dedup_sizes.split(",")):
         print(f"{n:<26} " + _dedup_rates(n, rng, cfg))
@@ -114,11 +117,20 @@ def _dedup_rates(n: int, rng: random.Random, cfg) -> str:
             )
 
     with tempfile.TemporaryDirectory() as tmp:
-        step = dedup.DedupSignatures(os.path.join(tmp, "sig"), cfg.dedup)
+        step = dedup.DedupSignatures(tmp, cfg.dedup)
         _, sig_s = _timed(lambda: list(step.run(docs())))
-        files = sorted(glob.glob(os.path.join(tmp, "sig", "*.parquet")))
-        (_, _, counts), decide_s = _timed(lambda: dedup.decide(files, cfg.dedup))
-    return f"{n / sig_s:>13.0f} {decide_s:>9.2f} {n / decide_s:>14.0f}   near_duplicate={counts['near_duplicate']}"
+
+        def partitioned():
+            for kind in (dedup.DedupBuckets, dedup.DedupImageSets):
+                for p in range(cfg.dedup.partitions):
+                    list(kind(tmp, cfg.dedup).run(rank=p, world_size=cfg.dedup.partitions))
+
+        _, part_s = _timed(partitioned)
+        (_, _, counts), merge_s = _timed(lambda: dedup.decide(tmp, cfg.dedup))
+    rate = n / (part_s + merge_s)
+    return (
+        f"{n / sig_s:>13.0f} {part_s:>13.2f} {merge_s:>8.2f} {rate:>24.0f}   near_duplicate={counts['near_duplicate']}"
+    )
 
 
 if __name__ == "__main__":
