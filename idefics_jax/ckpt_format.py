@@ -18,6 +18,8 @@ by `restore_params` / `StandardRestore` exactly like a trainer-written item.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -169,6 +171,14 @@ def _nest(flat: Mapping[Path, Any]) -> dict[str, Any]:
     return out
 
 
+def _return_free_memory() -> None:
+    """Hands freed heap pages back to the OS (glibc's malloc_trim). TensorStore's writer threads free
+    a group's chunk copies in their own malloc arenas, which keep the pages: without this, the
+    resident size of a streaming conversion creeps up by a group's size or more under CPU contention."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class ParamsWriter:
     """Writes step `step` of a checkpoint (`params` + `config` items) from leaves given one by one.
 
@@ -214,6 +224,7 @@ class ParamsWriter:
             ocp_partial.save(self._partial, _nest(self._group))
         self._saved.update(self._group)
         self._group = {}
+        _return_free_memory()
 
     def finish(self, config: Mapping[str, Any]) -> None:
         """Completes the step: params item from everything added, `config` (must hold `model`)."""

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -277,9 +278,11 @@ class Checkpointer:
             )
 
     def _save_error(self, step: int, what: str) -> CheckpointSaveError:
-        # Orbax's background threads may keep logging the same failure; one line is enough.
+        # Orbax's background threads may keep logging the same failure, and its abandoned save
+        # coroutines warn "never awaited" at exit; one line is enough.
         for name in ("absl", "orbax", "asyncio", "jax._src.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
         free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
         last = self._last_verified()
         then = (
