@@ -19,6 +19,7 @@ they are.
 
 from __future__ import annotations
 
+import abc
 import glob
 import json
 import os
@@ -98,8 +99,9 @@ class FilesReader(PipelineStep):
         self.pattern = pattern
         self.progress = progress
 
+    @abc.abstractmethod
     def read_file(self, path: str):
-        raise NotImplementedError
+        """Yields the datatrove Documents of one input file."""
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         shard = matching(self.pattern)[rank::world_size]
