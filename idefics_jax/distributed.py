@@ -12,10 +12,11 @@ Sources, first match wins:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 DEFAULT_PORT = 8476
 
@@ -88,3 +89,43 @@ def initialize() -> None:
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**found)
+
+
+def barrier(name: str, timeout_s: float = 1800.0) -> None:
+    """Waits until every process has reached the barrier `name` (a no-op for one process).
+
+    It goes through the coordination service (the same one orbax and jax's serialization wait on),
+    not through a device collective, so it has its own generous timeout."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+
+    jax_distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
+# Barrier names must not repeat within a run; every process creates its steps in the same order.
+_barriers = itertools.count()
+
+
+class CompiledTogether:
+    """A jitted function whose first call, with several processes, compiles ahead of time and waits
+    for every process at a barrier before running (`lower` is the jitted function's own).
+
+    On CPU, gloo gives each process 30 s to join the first collective of a new device group; one
+    process compiling on a loaded host can lag another by more than that (it failed CI once). Later
+    calls reuse the executable compiled here (jax's compilation cache), so they cost nothing extra."""
+
+    def __init__(self, jitted: Callable, name: str):
+        self.jitted, self.name, self.lower = jitted, name, jitted.lower
+        self._waited = False
+
+    def __call__(self, *args):
+        import jax
+
+        if not self._waited and jax.process_count() > 1:
+            self.jitted.lower(*args).compile()
+            barrier(f"compiled:{self.name}:{next(_barriers)}")
+        self._waited = True
+        return self.jitted(*args)

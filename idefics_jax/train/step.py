@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from idefics_jax import sharding
+from idefics_jax import distributed, sharding
 from idefics_jax.data.schema import MODEL_INPUTS
 from idefics_jax.train.state import Layout
 
@@ -111,9 +111,10 @@ def make_train_step(lay: Layout, z_loss: float, micro_batches: int, num_datasets
         return new_state, metrics
 
     # The batch's sharding is the one the loop placed it with (over 'batch').
-    return jax.jit(
+    jitted = jax.jit(
         step, in_shardings=(lay.shardings, None, None, None), out_shardings=(lay.shardings, None), donate_argnums=(0,)
     )
+    return distributed.CompiledTogether(jitted, "train_step")
 
 
 def make_eval_step(lay: Layout, num_datasets: int) -> Callable:
@@ -126,4 +127,4 @@ def make_eval_step(lay: Layout, num_datasets: int) -> Callable:
         onehot = jax.nn.one_hot(batch["dataset_id"], num_datasets, dtype=jnp.float32)
         return {"loss_sum": ce.sum(), "tokens": w.sum(), "ds_loss_sum": onehot.T @ ce, "ds_tokens": onehot.T @ w}
 
-    return jax.jit(evaluate, in_shardings=(lay.shardings, None))
+    return distributed.CompiledTogether(jax.jit(evaluate, in_shardings=(lay.shardings, None)), "eval_step")
