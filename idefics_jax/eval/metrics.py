@@ -15,8 +15,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
-from collections.abc import Mapping, Sequence
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -128,12 +132,35 @@ def cider(predictions: Mapping, references: Mapping) -> float:
         raise ValueError("cider: no captions")
     tok = PTBTokenizer()
     try:
-        gts = tok.tokenize({k: [{"caption": c} for c in references[k]] for k in references})
-        res = tok.tokenize({k: [{"caption": predictions[k]}] for k in predictions})
+        with _stderr_shown_only_on_failure():
+            gts = tok.tokenize({k: [{"caption": c} for c in references[k]] for k in references})
+            res = tok.tokenize({k: [{"caption": predictions[k]}] for k in predictions})
     except FileNotFoundError:
         raise UserError("CIDEr's PTB tokenizer runs Java: install a JRE (e.g. apt-get install default-jre)") from None
     score, _ = Cider().compute_score(gts, res)
     return 100.0 * float(score)
+
+
+@contextlib.contextmanager
+def _stderr_shown_only_on_failure() -> Iterator[None]:
+    """Holds back what is written to file descriptor 2 (CoreNLP, a Java child process, prints "PTBTokenizer
+    tokenized N tokens at ..." there on every call) and writes it out only if the block raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if failed:
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
 
 
 def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
