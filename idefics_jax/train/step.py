@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from idefics_jax import distributed, sharding
 from idefics_jax.data.schema import MODEL_INPUTS
@@ -45,6 +46,63 @@ def _micro(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
     return {k: split(v) for k, v in batch.items()}
 
 
+def _accumulate(graphdef, p, frozen, micro, total, loss_scale, z_loss, num_datasets, acc_specs=None):
+    """Scan over micro-batches [n, rows, ...]: gradients of the loss w.r.t. `p` summed into float32
+    accumulators (constrained to `acc_specs` when given), and the loss sums.
+
+    Returns (grads like `p` in float32, ce_sum [], z_sum [], ds_loss [num_datasets], ds_tok [num_datasets]).
+    """
+
+    def micro_loss(q, mb):
+        ce, z, w = loss_sums(nnx.merge(graphdef, q, frozen), mb)
+        return (ce.sum() + z_loss * z.sum()) / total * loss_scale, (ce, z, w, mb["dataset_id"])
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    pin = (
+        (lambda t: t) if acc_specs is None else (lambda t: jax.tree.map(jax.lax.with_sharding_constraint, t, acc_specs))
+    )
+
+    def accumulate(carry, mb):
+        g_acc, ce_acc, z_acc, ds_loss, ds_tok = carry
+        (_, (ce, z, w, ds)), g = grad_fn(p, mb)
+        onehot = jax.nn.one_hot(ds, num_datasets, dtype=jnp.float32)
+        return (
+            pin(jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g)),
+            ce_acc + ce.sum(),
+            z_acc + z.sum(),
+            ds_loss + onehot.T @ ce,
+            ds_tok + onehot.T @ w,
+        ), None
+
+    zero = pin(jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p))
+    init = (zero, jnp.float32(0), jnp.float32(0), jnp.zeros(num_datasets), jnp.zeros(num_datasets))
+    return jax.lax.scan(accumulate, init, micro)[0]
+
+
+def _only(spec: PartitionSpec, axes: tuple[str, ...]) -> PartitionSpec:
+    """`spec` keeping only the mesh axes in `axes` (a shard_map out_spec over those manual axes)."""
+    return sharding.drop_axes(
+        spec, [a for e in spec for a in ((e,) if isinstance(e, str) else e or ()) if a not in axes]
+    )
+
+
+def _reduce_to_shards(x: jax.Array, spec: PartitionSpec, axes: tuple[str, ...]) -> jax.Array:
+    """Inside a shard_map manual over `axes`: this device's partial sum `x` (whole over `axes`) →
+    the global sum's block under `spec` (the master weight's layout): one reduce-scatter over the
+    axes `spec` splits a dimension on (tiled, on that dimension), an all-reduce over the others."""
+    scatter = []
+    for dim, entry in enumerate(spec):
+        on = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a in axes)
+        if on:
+            scatter.append((dim, on))
+    summed = tuple(a for a in axes if all(a not in on for _, on in scatter))
+    if summed:
+        x = jax.lax.psum(x, summed)
+    for dim, on in scatter:
+        x = jax.lax.psum_scatter(x, on, scatter_dimension=dim, tiled=True)
+    return x
+
+
 def make_train_step(lay: Layout, z_loss: float, micro_batches: int, num_datasets: int) -> Callable:
     """`step(state, batch, spike_threshold, loss_scale) -> (state, metrics)`, jitted with explicit
     shardings and the state donated.
@@ -53,34 +111,68 @@ def make_train_step(lay: Layout, z_loss: float, micro_batches: int, num_datasets
     loss_scale float32 [] multiplies loss and gradients (1.0; the fault-injection hook of the tests).
     metrics: loss, z_loss, grad_norm, lr, applied (bool), nonfinite (bool), spike (bool), tokens,
     and per-dataset `ds_loss_sum` / `ds_tokens` [num_datasets].
+
+    `lay.trainable_layout` chooses how the gradients are computed (the update is the same):
+    - fsdp: differentiate w.r.t. the stored params; per micro-batch the partitioner all-gathers each
+      layer's weights over the batch axes (forward, remat and backward) and reduce-scatters its
+      gradients.
+    - zero1: the stored params are cast to the dtype the model reads them in (`lay.compute_dtypes`)
+      and all-gathered over the batch axes ONCE per step (`lay.compute_shardings`: tensor-split
+      only); the micro-batch scan runs in a shard_map manual over the batch axes, so each device
+      differentiates w.r.t. its replicated compute copy and sums its own rows' gradients in a
+      float32 accumulator (kept tensor-split) with no collective over those axes; after the scan
+      one reduce-scatter per parameter puts the summed gradients on the optimizer's shards. (A
+      replicated weight's gradient outside a shard_map would be all-reduced by the partitioner in
+      every micro-batch: the accumulation has to be local by construction.)
     """
     graphdef, tx, lr = lay.graphdef, lay.tx, lay.lr
+    axes = lay.batch_axes
+    master_specs = jax.tree.map(lambda s: s.spec, lay.shardings["params"])
+    compute_specs = jax.tree.map(lambda s: s.spec, lay.compute_shardings)
+
+    def zero1_grads(params, frozen, micro, total, loss_scale):
+        compute = jax.tree.map(
+            lambda x, dt, s: jax.lax.with_sharding_constraint(x.astype(dt), s),
+            params,
+            lay.compute_dtypes,
+            lay.compute_shardings,
+        )
+
+        def local(compute, frozen, micro, total, loss_scale):
+            g, *sums = _accumulate(
+                graphdef, compute, frozen, micro, total, loss_scale, z_loss, num_datasets, compute_specs
+            )
+            g = jax.tree.map(lambda x, s: _reduce_to_shards(x, s, axes), g, master_specs)
+            return g, *(jax.lax.psum(v, axes) if axes else v for v in sums)
+
+        if axes:
+            local = jax.shard_map(
+                local,
+                mesh=lay.mesh,
+                in_specs=(
+                    PartitionSpec(),
+                    PartitionSpec(),
+                    PartitionSpec(None, axes),
+                    PartitionSpec(),
+                    PartitionSpec(),
+                ),
+                out_specs=(jax.tree.map(lambda s: _only(s, axes), master_specs),) + (PartitionSpec(),) * 4,
+                axis_names=set(axes),
+                check_vma=False,
+            )
+        g, *sums = local(compute, frozen, micro, total, loss_scale)
+        return (jax.tree.map(jax.lax.with_sharding_constraint, g, lay.shardings["params"]), *sums)
 
     def step(state, batch, spike_threshold, loss_scale):
         params, frozen = state["params"], state["frozen"]
         total = jnp.maximum(batch["loss_mask"][:, 1:].astype(jnp.float32).sum(), 1.0)
-
-        def micro_loss(p, mb):
-            ce, z, w = loss_sums(nnx.merge(graphdef, p, frozen), mb)
-            return (ce.sum() + z_loss * z.sum()) / total * loss_scale, (ce, z, w, mb["dataset_id"])
-
-        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-        def accumulate(carry, mb):
-            g_acc, ce_acc, z_acc, ds_loss, ds_tok = carry
-            (_, (ce, z, w, ds)), g = grad_fn(params, mb)
-            onehot = jax.nn.one_hot(ds, num_datasets, dtype=jnp.float32)
-            return (
-                jax.tree.map(jnp.add, g_acc, g),
-                ce_acc + ce.sum(),
-                z_acc + z.sum(),
-                ds_loss + onehot.T @ ce,
-                ds_tok + onehot.T @ w,
-            ), None
-
-        zero = jax.tree.map(jnp.zeros_like, params)
-        init = (zero, jnp.float32(0), jnp.float32(0), jnp.zeros(num_datasets), jnp.zeros(num_datasets))
-        (grads, ce_sum, z_sum, ds_loss, ds_tok), _ = jax.lax.scan(accumulate, init, _micro(batch, micro_batches))
+        micro = _micro(batch, micro_batches)
+        if lay.trainable_layout == "zero1":
+            grads, ce_sum, z_sum, ds_loss, ds_tok = zero1_grads(params, frozen, micro, total, loss_scale)
+        else:
+            grads, ce_sum, z_sum, ds_loss, ds_tok = _accumulate(
+                graphdef, params, frozen, micro, total, loss_scale, z_loss, num_datasets
+            )
         loss = ce_sum / total * loss_scale
         grad_norm = optax.tree.norm(grads)
         nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
