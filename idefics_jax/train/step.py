@@ -88,19 +88,20 @@ def _only(spec: PartitionSpec, axes: tuple[str, ...]) -> PartitionSpec:
 
 def _reduce_to_shards(x: jax.Array, spec: PartitionSpec, axes: tuple[str, ...]) -> jax.Array:
     """Inside a shard_map manual over `axes`: this device's partial sum `x` (whole over `axes`) →
-    the global sum's block under `spec` (the master weight's layout): one reduce-scatter over the
-    axes `spec` splits a dimension on (tiled, on that dimension), an all-reduce over the others."""
+    the global sum's block under `spec` (the master weight's layout): a reduce-scatter over the
+    axes `spec` splits a dimension on (tiled, on that dimension), then an all-reduce over the others.
+    x: float32, any shape; returns float32 with the split dimensions divided by their axes' sizes."""
     scatter = []
     for dim, entry in enumerate(spec):
         on = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a in axes)
         if on:
             scatter.append((dim, on))
-    summed = tuple(a for a in axes if all(a not in on for _, on in scatter))
-    if summed:
-        x = jax.lax.psum(x, summed)
     for dim, on in scatter:
         x = jax.lax.psum_scatter(x, on, scatter_dimension=dim, tiled=True)
-    return x
+    # Scattered first, so the all-reduce (over axes the master weight is replicated on, e.g. 'data')
+    # moves 1/|fsdp| of the gradient.
+    summed = tuple(a for a in axes if all(a not in on for _, on in scatter))
+    return jax.lax.psum(x, summed) if summed else x
 
 
 def make_train_step(lay: Layout, z_loss: float, micro_batches: int, num_datasets: int) -> Callable:

@@ -1,7 +1,9 @@
 """train.trainable_layout=zero1 computes what fsdp computes, and the stored state is the same: on a
 data 2 × fsdp 2 × tensor 2 mesh with 2 micro-batches (so the local accumulation, the all-reduce over
 'data' and the reduce-scatter over 'fsdp' all run), the tiny config's losses and parameters after
-20 steps equal fsdp's, and a checkpoint saved under fsdp resumes under zero1 onto the same run."""
+20 steps equal fsdp's, and a checkpoint saved under fsdp resumes under zero1 onto the same run; and
+zero1's compiled step moves the trainable weights over the batch axes once per step, not per
+micro-batch."""
 
 import os
 import shutil
@@ -13,12 +15,13 @@ from flax import nnx
 from testlib import load_config, losses
 
 import idefics_jax
+from idefics_jax import plan
 from idefics_jax.train.loop import train
 
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
 
 
-def _run(workdir, layout: str, steps: int = 20):
+def _config(layout: str, steps: int = 20):
     c = load_config(
         "tiny",
         "train.eval_every=0",
@@ -30,7 +33,11 @@ def _run(workdir, layout: str, steps: int = 20):
     c.eval_data = None
     c.train.log_every = 100
     c.mesh.update(MESH)
-    train(c, str(workdir), devices=jax.devices()[:8])
+    return c
+
+
+def _run(workdir, layout: str, steps: int = 20):
+    train(_config(layout, steps), str(workdir), devices=jax.devices()[:8])
 
 
 def _params(workdir, step: int) -> dict[str, np.ndarray]:
@@ -61,3 +68,13 @@ def test_zero1_equals_fsdp(runs, other):
     assert a.keys() == b.keys()
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     assert worst <= 1e-6, worst
+
+
+def test_zero1_collectives_over_the_batch_axes_run_once_per_step():
+    fig = plan.plan(_config("zero1"))
+    over_batch = [c for c in fig["collectives"] if {"data", "fsdp"} & set(c["axes"].split("+"))]
+    assert not [c for c in over_batch if c["in_loop"]], over_batch
+    kinds = {(c["axes"], c["kind"]) for c in over_batch}
+    # The compute copy gathered over both batch axes, the gradients summed over 'data' and
+    # reduce-scattered over 'fsdp' onto the master weights' shards.
+    assert {("data+fsdp", "all-gather"), ("data", "all-reduce"), ("fsdp", "reduce-scatter")} <= kinds, kinds
