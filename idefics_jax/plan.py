@@ -82,8 +82,9 @@ _COMPARE_MICRO = flags.DEFINE_list("compare_micro_batches", ["7", "8", "14", "28
 _CACHE = flags.DEFINE_string(
     "cache_dir",
     None,
-    "Keep each compile's figures here, keyed by the config, this package's source and the JAX version, and "
-    "reuse them (a --compare rerun after changing only estimate flags compiles nothing).",
+    "Keep each compile's figures here, keyed by a digest of the lowered program (and the JAX version and "
+    "the plan's HLO reader), and reuse them: a rerun of an unchanged program, e.g. --compare after "
+    "changing only estimate flags, lowers but does not compile.",
 )
 _GENERATE = flags.DEFINE_bool(
     "generate",
@@ -500,10 +501,16 @@ def shard_bytes(tree: Any, shardings: Any) -> int:
     return total
 
 
-def plan(config, gpus_per_node: int = 8) -> dict[str, Any]:
+def plan(config, gpus_per_node: int = 8, cache_dir: str | None = None) -> dict[str, Any]:
     """Compiles the train step of `config` for its mesh over this process's (fake) devices and
     returns the raw figures (see `report`). The caller must have set up the fake devices and, to get
-    bf16-faithful collectives, the XLA dump of the partitioned program (`main` does both)."""
+    bf16-faithful collectives, the XLA dump of the partitioned program (`main` does both).
+
+    With `cache_dir`, the figures are kept there under a digest of what they are a function of: the
+    lowered program (StableHLO text: the model, the step, the layout and the shardings), the JAX
+    version, `gpus_per_node` and the source of the functions that read the compiled program; a
+    later plan of the same program reads them instead of compiling (`compile_s` is then the
+    original compile's)."""
     import jax
 
     from idefics_jax import run_config, sharding
@@ -529,9 +536,16 @@ def plan(config, gpus_per_node: int = 8) -> dict[str, Any]:
             shutil.rmtree(old)
         else:
             os.remove(old)
-    t0 = time.perf_counter()
     with lay.activate():
         lowered = step.lower(state, batch, scalar, scalar)
+    cached = None
+    if cache_dir is not None:
+        cached = os.path.join(cache_dir, f"plan-{_digest(lowered.as_text(), gpus_per_node)}.json")
+        if os.path.exists(cached):
+            with open(cached) as f:
+                return json.load(f)
+    t0 = time.perf_counter()
+    with lay.activate():
         compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -560,7 +574,7 @@ def plan(config, gpus_per_node: int = 8) -> dict[str, Any]:
     else:
         copy, accumulator = 0, shard_bytes(as_dtype(f32), lay.shardings["params"])
     batch_bytes = sum(math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize for a in batch.values())
-    return {
+    fig = {
         "mesh": dict(mesh.shape),
         "devices": mesh.size,
         "compile_s": compile_s,
@@ -589,6 +603,28 @@ def plan(config, gpus_per_node: int = 8) -> dict[str, Any]:
         "hw_flops_per_device": hw_flops,
         "model_flops": model_flops_per_step(lay.model_config, gbs, d.seq_len, d.max_num_images),
     }
+    if cached is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(cached + ".tmp", "w") as f:
+            json.dump(fig, f)
+        os.replace(cached + ".tmp", cached)
+    return fig
+
+
+def _digest(program: str, gpus_per_node: int) -> str:
+    """What `plan`'s figures are a function of, hashed: the program, JAX, the node size, and the
+    source of the code that reads the compiled program."""
+    import hashlib
+    import inspect
+
+    import jax
+
+    h = hashlib.sha256(program.encode())
+    h.update(f"{jax.__version__} {gpus_per_node}".encode())
+    readers = (plan, collectives_and_flops, parse_hlo, multiplicities, looped, _trip_count, replica_groups)
+    for fn in readers + (_mesh_groups, _add, array_bytes, shard_bytes):
+        h.update(inspect.getsource(fn).encode())
+    return h.hexdigest()[:24]
 
 
 def estimate(
@@ -830,37 +866,6 @@ def compare_table(figs: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _cache_key(config, gpus_per_node: int) -> str:
-    """A digest of what a compile's figures depend on: the config, this package's source, JAX."""
-    import hashlib
-
-    import jax
-
-    h = hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode())
-    h.update(f"{jax.__version__} {gpus_per_node}".encode())
-    root = os.path.dirname(os.path.abspath(__file__))
-    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
-        with open(path, "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()[:20]
-
-
-def cached_plan(config, gpus_per_node: int, cache_dir: str | None) -> dict[str, Any]:
-    """`plan(config)`, read from `cache_dir` when this config and source were compiled before."""
-    if cache_dir is None:
-        return plan(config, gpus_per_node)
-    path = os.path.join(cache_dir, f"plan-{_cache_key(config, gpus_per_node)}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    fig = plan(config, gpus_per_node)
-    os.makedirs(cache_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(fig, f)
-    os.replace(path + ".tmp", path)
-    return fig
-
-
 def _mesh_size(mesh_cfg, devices: int) -> int:
     sizes = [int(mesh_cfg.get(a, 1)) for a in ("data", "fsdp", "tensor")]
     return math.prod(sizes) if -1 not in sizes else devices
@@ -923,7 +928,7 @@ def _plan() -> None:
                 for micro in _COMPARE_MICRO.value:
                     variant = config.copy_and_resolve_references()
                     variant.train.trainable_layout, variant.train.micro_batches = layout, int(micro)
-                    figs.append(est(cached_plan(variant, _PER_NODE.value, _CACHE.value)))
+                    figs.append(est(plan(variant, _PER_NODE.value, _CACHE.value)))
                     print(f"planned {layout} × {micro} micro-batches", file=sys.stderr, flush=True)
         finally:
             shutil.rmtree(os.environ.get(_DUMP_ENV, ""), ignore_errors=True)
@@ -933,7 +938,7 @@ def _plan() -> None:
                 json.dump(figs, f, indent=1)
         return
     try:
-        fig = cached_plan(config, _PER_NODE.value, _CACHE.value)
+        fig = plan(config, _PER_NODE.value, _CACHE.value)
     finally:
         shutil.rmtree(os.environ.get(_DUMP_ENV, ""), ignore_errors=True)
     fig = est(fig)

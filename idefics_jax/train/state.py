@@ -155,6 +155,11 @@ def layout(run: Run | ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Lay
         "updates": replicated,
     }
     batch_axes = logical_axes(rules, "batch")
+    if config.train.trainable_layout == "zero1" and not batch_axes:
+        raise UserError(
+            "train.trainable_layout='zero1' needs the sharding_rules' 'batch' entry to name mesh axes "
+            "(the compute copy is replicated over them); it names none"
+        )
     compute_shardings = jax.tree.map(
         lambda s: NamedSharding(mesh, sharding.drop_axes(s.spec, batch_axes)), p_sh, is_leaf=_is_sharding
     )

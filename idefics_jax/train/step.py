@@ -79,31 +79,6 @@ def _accumulate(graphdef, p, frozen, micro, total, loss_scale, z_loss, num_datas
     return jax.lax.scan(accumulate, init, micro)[0]
 
 
-def _only(spec: PartitionSpec, axes: tuple[str, ...]) -> PartitionSpec:
-    """`spec` keeping only the mesh axes in `axes` (a shard_map out_spec over those manual axes)."""
-    return sharding.drop_axes(
-        spec, [a for e in spec for a in ((e,) if isinstance(e, str) else e or ()) if a not in axes]
-    )
-
-
-def _reduce_to_shards(x: jax.Array, spec: PartitionSpec, axes: tuple[str, ...]) -> jax.Array:
-    """Inside a shard_map manual over `axes`: this device's partial sum `x` (whole over `axes`) →
-    the global sum's block under `spec` (the master weight's layout): a reduce-scatter over the
-    axes `spec` splits a dimension on (tiled, on that dimension), then an all-reduce over the others.
-    x: float32, any shape; returns float32 with the split dimensions divided by their axes' sizes."""
-    scatter = []
-    for dim, entry in enumerate(spec):
-        on = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a in axes)
-        if on:
-            scatter.append((dim, on))
-    for dim, on in scatter:
-        x = jax.lax.psum_scatter(x, on, scatter_dimension=dim, tiled=True)
-    # Scattered first, so the all-reduce (over axes the master weight is replicated on, e.g. 'data')
-    # moves 1/|fsdp| of the gradient.
-    summed = tuple(a for a in axes if all(a not in on for _, on in scatter))
-    return jax.lax.psum(x, summed) if summed else x
-
-
 def make_train_step(lay: Layout, z_loss: float, micro_batches: int, num_datasets: int) -> Callable:
     """`step(state, batch, spike_threshold, loss_scale) -> (state, metrics)`, jitted with explicit
     shardings and the state donated.
@@ -124,45 +99,48 @@ def make_train_step(lay: Layout, z_loss: float, micro_batches: int, num_datasets
       float32 accumulator (kept tensor-split) with no collective over those axes; after the scan
       one reduce-scatter per parameter puts the summed gradients on the optimizer's shards. (A
       replicated weight's gradient outside a shard_map would be all-reduced by the partitioner in
-      every micro-batch: the accumulation has to be local by construction.)
+      every micro-batch: the accumulation has to be local by construction.) Needs the 'batch'
+      rule to name at least one mesh axis (the default: 'data', 'fsdp').
     """
     graphdef, tx, lr = lay.graphdef, lay.tx, lay.lr
     axes = lay.batch_axes
-    master_specs = jax.tree.map(lambda s: s.spec, lay.shardings["params"])
-    compute_specs = jax.tree.map(lambda s: s.spec, lay.compute_shardings)
+    specs = jax.tree.map(lambda s: s.spec, lay.compute_shardings)
 
     def zero1_grads(params, frozen, micro, total, loss_scale):
+        # Cast on the master weights' shards (pinned there), then gather: the all-gather moves the
+        # compute dtype (bf16 on the GPU), not fp32.
         compute = jax.tree.map(
-            lambda x, dt, s: jax.lax.with_sharding_constraint(x.astype(dt), s),
+            lambda x, dt, master, gathered: jax.lax.with_sharding_constraint(
+                jax.lax.with_sharding_constraint(x.astype(dt), master), gathered
+            ),
             params,
             lay.compute_dtypes,
+            lay.shardings["params"],
             lay.compute_shardings,
         )
 
         def local(compute, frozen, micro, total, loss_scale):
-            g, *sums = _accumulate(
-                graphdef, compute, frozen, micro, total, loss_scale, z_loss, num_datasets, compute_specs
-            )
-            g = jax.tree.map(lambda x, s: _reduce_to_shards(x, s, axes), g, master_specs)
-            return g, *(jax.lax.psum(v, axes) if axes else v for v in sums)
+            g, *sums = _accumulate(graphdef, compute, frozen, micro, total, loss_scale, z_loss, num_datasets, specs)
+            # Each device's own sum, stacked on a new leading axis over the batch axes: no collective.
+            return jax.tree.map(lambda x: x[None], g), *(jax.lax.psum(v, axes) for v in sums)
 
-        if axes:
-            local = jax.shard_map(
-                local,
-                mesh=lay.mesh,
-                in_specs=(
-                    PartitionSpec(),
-                    PartitionSpec(),
-                    PartitionSpec(None, axes),
-                    PartitionSpec(),
-                    PartitionSpec(),
-                ),
-                out_specs=(jax.tree.map(lambda s: _only(s, axes), master_specs),) + (PartitionSpec(),) * 4,
-                axis_names=set(axes),
-                check_vma=False,
-            )
-        g, *sums = local(compute, frozen, micro, total, loss_scale)
-        return (jax.tree.map(jax.lax.with_sharding_constraint, g, lay.shardings["params"]), *sums)
+        local = jax.shard_map(
+            local,
+            mesh=lay.mesh,
+            in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(None, axes), PartitionSpec(), PartitionSpec()),
+            out_specs=(PartitionSpec(axes), *(PartitionSpec(),) * 4),
+            axis_names=set(axes),
+            check_vma=False,
+        )
+        stacked, *sums = local(compute, frozen, micro, total, loss_scale)
+        # Summing the stacked axis into the master weights' layout is one reduce-scatter over the
+        # axes they are split on (an all-reduce over those they are replicated on, e.g. 'data'),
+        # left to the partitioner: inside the shard_map, where 'tensor' is automatic, XLA gathered
+        # the accumulator over 'tensor' before reduce-scattering it (8× the bytes and the memory).
+        grads = jax.tree.map(
+            lambda x, s: jax.lax.with_sharding_constraint(x.sum(0), s), stacked, lay.shardings["params"]
+        )
+        return grads, *sums
 
     def step(state, batch, spike_threshold, loss_scale):
         params, frozen = state["params"], state["frozen"]
