@@ -75,6 +75,6 @@ def test_zero1_collectives_over_the_batch_axes_run_once_per_step():
     over_batch = [c for c in fig["collectives"] if {"data", "fsdp"} & set(c["axes"].split("+"))]
     assert not [c for c in over_batch if c["in_loop"]], over_batch
     kinds = {(c["axes"], c["kind"]) for c in over_batch}
-    # The compute copy gathered over both batch axes, the gradients summed over 'data' and
-    # reduce-scattered over 'fsdp' onto the master weights' shards.
-    assert {("data+fsdp", "all-gather"), ("data", "all-reduce"), ("fsdp", "reduce-scatter")} <= kinds, kinds
+    # The compute copy gathered over 'fsdp' (the master weights are whole over 'data'), the local
+    # gradient sums reduced over both batch axes (on XLA:CPU an all-reduce then a slice).
+    assert {("fsdp", "all-gather"), ("data+fsdp", "all-reduce")} <= kinds, kinds
