@@ -1,4 +1,5 @@
-"""python -m idefics_jax.plan --config configs/80b.py [--config.a.b=v ...] [--devices N] [--json OUT]
+"""python -m idefics_jax.plan --config configs/80b.py [--config.a.b=v ...] [--devices N] [--json OUT] [--cache_dir DIR]
+python -m idefics_jax.plan --config configs/80b.py --compare [--compare_micro_batches 7,8,14,28]  (fsdp vs zero1)
 python -m idefics_jax.plan --config configs/80b.py --generate [--gen_tensor 8 --gen_batch 8 --gen_prompt_len 1024
     --gen_new_tokens 64 --gen_images 4 --gen_num_beams 1]  (generation: see `plan_generate`)
 
@@ -9,9 +10,12 @@ re-executing this module before JAX starts), and prints
 
 - total and trainable parameters;
 - per-device bytes: parameters, optimizer state, the batch, and the compiled step's temporaries
-  (`compiled.memory_analysis()`), against a limit (default 80 GB; exit status 1 above it);
-- the collectives of one step by kind and mesh axis (count and bytes, loops multiplied out);
-- model FLOPs per step and an estimated step time and MFU on A100-80GB nodes (assumptions printed).
+  (`compiled.memory_analysis()`; zero1's compute copy and gradient accumulator named within them),
+  against a limit (default 80 GB; exit status 1 above it);
+- the collectives of one step by kind, mesh axis and place (inside a loop or once per step; count
+  and bytes, loops multiplied out, bytes into the busiest node over the network);
+- model FLOPs per step and an estimated step time and MFU on A100-80GB nodes (assumptions printed,
+  and which collectives it counts as overlapped with compute and why: `estimate`).
 
 Two things differ between this CPU compile and the GPU one, and the report accounts for both:
 

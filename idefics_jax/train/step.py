@@ -97,7 +97,8 @@ def make_train_step(lay: Layout, z_loss: float, micro_batches: int, num_datasets
       only); the micro-batch scan runs in a shard_map manual over the batch axes, so each device
       differentiates w.r.t. its replicated compute copy and sums its own rows' gradients in a
       float32 accumulator (kept tensor-split) with no collective over those axes; after the scan
-      one reduce-scatter per parameter puts the summed gradients on the optimizer's shards. (A
+      the per-device sums, stacked over the batch axes, are summed into the master weights'
+      layout: one reduce-scatter per parameter onto the optimizer's shards. (A
       replicated weight's gradient outside a shard_map would be all-reduced by the partitioner in
       every micro-batch: the accumulation has to be local by construction.) Needs the 'batch'
       rule to name at least one mesh axis (the default: 'data', 'fsdp').
