@@ -3,7 +3,12 @@ laid out for 64 nodes x 8 A100-80GB.
 
     python -m idefics_jax.plan --config configs/80b.py
 
-Layout: fsdp=64 (FSDP across nodes) x tensor=8 (Megatron tensor parallelism over NVLink).
+Layout: fsdp=64 (master weights and AdamW moments sharded across nodes) x tensor=8 (Megatron tensor
+parallelism over NVLink); the trainable weights are gathered once per step as a bf16 compute copy
+(train.trainable_layout=zero1), so the micro-batch count costs no network traffic and 56 micro-batches
+of 1 row per GPU keep the activations small enough for remat "minimal" (q/k/v and attention outputs
+saved). The plan: 78.5 GB per GPU (CPU upper bound), estimated MFU 38.5% (fsdp, the previous layout:
+34.6% at 14 micro-batches); docs/cluster.md, "fsdp or zero1".
 """
 
 from configs import common
@@ -18,7 +23,9 @@ def get_config():
     c.mesh.fsdp, c.mesh.tensor = 64, 8
     common.web_mixture(c)
     c.data.global_batch_size = 3584  # x 1024 tokens = 3.67M tokens per step, as IDEFICS-80B
-    c.train.micro_batches = 14  # 256 rows per micro-batch: 4 per FSDP shard (8 GPUs)
+    c.model.remat = "minimal"
+    c.train.trainable_layout = "zero1"
+    c.train.micro_batches = 56  # 64 rows per micro-batch: 1 per FSDP shard (8 GPUs)
     c.train.steps = 40_000
     c.train.optimizer.update(lr=5e-5, end_lr=3e-5, warmup_steps=2000, decay_steps=40_000)
     c.train.frozen_dtype = "bfloat16"

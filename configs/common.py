@@ -88,6 +88,14 @@ def train_section() -> ml_collections.ConfigDict:
             frozen_dtype=ml_collections.FieldReference(None, field_type=str),
             # Rules table for the frozen params (None = sharding_rules); see without_fsdp().
             frozen_sharding_rules=ml_collections.FieldReference(None, field_type=tuple),
+            # How the step computes with the trainable params (train/step.py):
+            #  fsdp:  as stored, sharded over the batch axes ('data', 'fsdp'): each micro-batch
+            #         all-gathers them layer by layer and reduce-scatters their gradients;
+            #  zero1: one compute copy per step, in the model's compute dtype, sharded over
+            #         'tensor' only (gathered once before the micro-batch loop); gradients
+            #         accumulate locally in fp32 and are reduce-scattered once per step. The fp32
+            #         master weights and the AdamW moments stay sharded as in fsdp (same checkpoint).
+            trainable_layout="fsdp",
             optimizer=dict(
                 lr=1e-4,
                 end_lr=1e-5,

@@ -1,4 +1,5 @@
-"""python -m idefics_jax.plan --config configs/80b.py [--config.a.b=v ...] [--devices N] [--json OUT]
+"""python -m idefics_jax.plan --config configs/80b.py [--config.a.b=v ...] [--devices N] [--json OUT] [--cache_dir DIR]
+python -m idefics_jax.plan --config configs/80b.py --compare [--compare_micro_batches 7,8,14,28]  (fsdp vs zero1)
 python -m idefics_jax.plan --config configs/80b.py --generate [--gen_tensor 8 --gen_batch 8 --gen_prompt_len 1024
     --gen_new_tokens 64 --gen_images 4 --gen_num_beams 1]  (generation: see `plan_generate`)
 
@@ -9,9 +10,12 @@ re-executing this module before JAX starts), and prints
 
 - total and trainable parameters;
 - per-device bytes: parameters, optimizer state, the batch, and the compiled step's temporaries
-  (`compiled.memory_analysis()`), against a limit (default 80 GB; exit status 1 above it);
-- the collectives of one step by kind and mesh axis (count and bytes, loops multiplied out);
-- model FLOPs per step and an estimated step time and MFU on A100-80GB nodes (assumptions printed).
+  (`compiled.memory_analysis()`; zero1's compute copy and gradient accumulator named within them),
+  against a limit (default 80 GB; exit status 1 above it);
+- the collectives of one step by kind, mesh axis and place (inside a loop or once per step; count
+  and bytes, loops multiplied out, bytes into the busiest node over the network);
+- model FLOPs per step and an estimated step time and MFU on A100-80GB nodes (assumptions printed,
+  and which collectives it counts as overlapped with compute and why: `estimate`).
 
 Two things differ between this CPU compile and the GPU one, and the report accounts for both:
 
@@ -72,6 +76,20 @@ _NETWORK = flags.DEFINE_float(
 )
 _PER_NODE = flags.DEFINE_integer("gpus_per_node", 8, "Devices per node (devices are numbered node by node).")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures as JSON to this file.")
+_COMPARE = flags.DEFINE_bool(
+    "compare",
+    False,
+    "Plan the config's train step under train.trainable_layout fsdp and zero1 for each of "
+    "--compare_micro_batches (one compile each) and print them side by side.",
+)
+_COMPARE_MICRO = flags.DEFINE_list("compare_micro_batches", ["7", "8", "14", "28"], "--compare: micro-batch counts.")
+_CACHE = flags.DEFINE_string(
+    "cache_dir",
+    None,
+    "Keep each compile's figures here, keyed by a digest of the lowered program (and the JAX version and "
+    "the plan's HLO reader), and reuse them: a rerun of an unchanged program, e.g. --compare after "
+    "changing only estimate flags, lowers but does not compile.",
+)
 _GENERATE = flags.DEFINE_bool(
     "generate",
     False,
@@ -203,13 +221,39 @@ def _trip_count(while_instr: Instr, comps: dict[str, list[Instr]]) -> int | None
         return int(m.group(1))
     cond = re.search(r"condition=%?([\w.\-]+)", while_instr.attrs)
     body = comps.get(cond.group(1), []) if cond else []
-    consts = {i.name: i for i in body if i.op == "constant" and re.match(r"[su](32|64)\[\]", i.type)}
+    by_name = {i.name: i for i in body}
+
+    def source(name):  # through the copies SPMD partitioning of a manual (shard_map) region adds
+        while name in by_name and by_name[name].op == "copy":
+            name = by_name[name].operands[0]
+        return by_name.get(name)
+
     for i in body:
         if i.op == "compare" and "direction=LT" in i.attrs:
-            bound = [consts[o] for o in i.operands if o in consts]
+            found = [source(o) for o in i.operands]
+            bound = [c for c in found if c is not None and c.op == "constant" and re.match(r"[su](32|64)\[\]", c.type)]
             if len(bound) == 1 and re.fullmatch(r"-?\d+", bound[0].args.strip()):
                 return int(bound[0].args)
     return None
+
+
+def looped(comps: dict[str, list[Instr]]) -> set[str]:
+    """The computations that run inside a while loop: loop bodies and everything they call."""
+    out: set[str] = set()
+    todo = [re.search(r"body=%?([\w.\-]+)", i.attrs).group(1) for ins in comps.values() for i in ins if i.op == "while"]
+    while todo:
+        c = todo.pop()
+        if c in out:
+            continue
+        out.add(c)
+        for ins in comps.get(c, ()):
+            todo += re.findall(
+                r"(?:body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)", ins.attrs
+            )
+            branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
+            if branches:
+                todo += re.findall(r"%?([\w.\-]+)", branches.group(1))
+    return out
 
 
 def multiplicities(comps: dict[str, list[Instr]], entry: str) -> tuple[dict[str, int], list[str]]:
@@ -227,7 +271,8 @@ def multiplicities(comps: dict[str, list[Instr]], entry: str) -> tuple[dict[str,
                     trips = 1
                 edges[cname].append((body, trips))
                 continue
-            for key in ("calls", "true_computation", "false_computation"):
+            keys = ("calls", "true_computation", "false_computation") + (("to_apply",) if ins.op == "call" else ())
+            for key in keys:
                 for callee in re.findall(rf"{key}=%?([\w.\-]+)", ins.attrs):
                     edges[cname].append((callee, 1))
             branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
@@ -340,6 +385,7 @@ class Collective:
     traffic: float  # bytes per device per step on the wire (ring algorithms)
     node_bytes: float  # bytes into the busiest node per step over the network (0 within a node)
     intra_node: bool
+    in_loop: bool  # issued inside a while loop (the micro-batch / layer scans), not once per step
 
 
 def _axes_of(members: Iterable[int], coords: np.ndarray, axis_names: Sequence[str]) -> tuple[str, ...]:
@@ -358,6 +404,7 @@ def collectives_and_flops(
     """
     comps, entry = parse_hlo(text)
     mult, warnings = multiplicities(comps, entry)
+    in_loops = looped(comps)
     n = len(device_ids)
     coords = np.stack(np.unravel_index(np.arange(n), mesh_shape), axis=1)
     node = np.asarray(device_ids) // gpus_per_node
@@ -395,7 +442,8 @@ def collectives_and_flops(
                 for a, b in pairs:
                     if node[a] != node[b]:
                         crossing[node[b]] += 1
-                _add(merged, kind, axes, k, size, size, max(crossing.values(), default=0) * size, not crossing)
+                node_bytes = max(crossing.values(), default=0) * size
+                _add(merged, kind, axes, k, size, size, node_bytes, not crossing, cname in in_loops)
                 continue
             groups = replica_groups(ins.attrs, n)
             g = len(groups[0])
@@ -430,13 +478,13 @@ def collectives_and_flops(
                     share = m * payload / g if kind == "all-to-all" else payload
                     per_node[nd] += factor * share * (1 - m / g)
             intra = not per_node
-            _add(merged, kind, axes, k, payload, wire, max(per_node.values(), default=0.0), intra)
-    return sorted(merged.values(), key=lambda c: (c.axes, c.kind)), flops, warnings
+            _add(merged, kind, axes, k, payload, wire, max(per_node.values(), default=0.0), intra, cname in in_loops)
+    return sorted(merged.values(), key=lambda c: (c.axes, c.kind, not c.in_loop)), flops, warnings
 
 
-def _add(merged, kind, axes, k, payload, wire, node_bytes, intra):
-    key = (kind, "+".join(axes) or "-")
-    c = merged.setdefault(key, Collective(kind, key[1], 0, 0.0, 0.0, 0.0, True))
+def _add(merged, kind, axes, k, payload, wire, node_bytes, intra, in_loop):
+    key = (kind, "+".join(axes) or "-", in_loop)
+    c = merged.setdefault(key, Collective(kind, key[1], 0, 0.0, 0.0, 0.0, True, in_loop))
     c.count += k
     c.payload += k * payload
     c.traffic += k * wire
@@ -457,10 +505,16 @@ def shard_bytes(tree: Any, shardings: Any) -> int:
     return total
 
 
-def plan(config, gpus_per_node: int = 8) -> dict[str, Any]:
+def plan(config, gpus_per_node: int = 8, cache_dir: str | None = None) -> dict[str, Any]:
     """Compiles the train step of `config` for its mesh over this process's (fake) devices and
     returns the raw figures (see `report`). The caller must have set up the fake devices and, to get
-    bf16-faithful collectives, the XLA dump of the partitioned program (`main` does both)."""
+    bf16-faithful collectives, the XLA dump of the partitioned program (`main` does both).
+
+    With `cache_dir`, the figures are kept there under a digest of what they are a function of: the
+    lowered program (StableHLO text: the model, the step, the layout and the shardings), the JAX
+    version, `gpus_per_node` and the source of the functions that read the compiled program; a
+    later plan of the same program reads them instead of compiling (`compile_s` is then the
+    original compile's)."""
     import jax
 
     from idefics_jax import run_config, sharding
@@ -479,15 +533,28 @@ def plan(config, gpus_per_node: int = 8) -> dict[str, Any]:
     batch = batch_spec(d, mesh)
     step = make_train_step(lay, tc.z_loss, micro, len(d.datasets))
     scalar = jax.ShapeDtypeStruct((), np.float32)
-    t0 = time.perf_counter()
+    dump = os.environ.get(_DUMP_ENV)
+    for old in glob.glob(os.path.join(dump, "*")) if dump else ():
+        # --compare compiles several steps in one process: read this one's dump.
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        else:
+            os.remove(old)
     with lay.activate():
         lowered = step.lower(state, batch, scalar, scalar)
+    cached = None
+    if cache_dir is not None:
+        cached = os.path.join(cache_dir, f"plan-{_digest(lowered.as_text(), gpus_per_node)}.json")
+        if os.path.exists(cached):
+            with open(cached) as f:
+                return json.load(f)
+    t0 = time.perf_counter()
+    with lay.activate():
         compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
 
     text, source = compiled.as_text(), "the compiled CPU executable (no bf16 in the program)"
-    dump = os.environ.get(_DUMP_ENV)
     if dump:
         found = sorted(glob.glob(os.path.join(dump, "*jit_step*after_spmd-partitioning*.txt")))
         if found:
@@ -500,8 +567,18 @@ def plan(config, gpus_per_node: int = 8) -> dict[str, Any]:
     params = count_params(lay.abstract["params"])
     frozen = count_params(lay.abstract["frozen"])
     state_bytes = {k: shard_bytes(lay.abstract[k], lay.shardings[k]) for k in ("params", "frozen", "opt_state")}
+    # Step-long buffers the layout adds inside the temporaries: zero1's compute copy (in the dtypes
+    # the model reads) and its float32 gradient accumulator, both split over 'tensor' only. fsdp's
+    # accumulator is float32 sharded like the params; its gathered weights live one layer at a time.
+    as_dtype = lambda dt: jax.tree.map(lambda a, t: jax.ShapeDtypeStruct(a.shape, t), lay.abstract["params"], dt)
+    f32 = jax.tree.map(lambda _: np.dtype(np.float32), lay.compute_dtypes)
+    if tc.trainable_layout == "zero1":
+        copy = shard_bytes(as_dtype(lay.compute_dtypes), lay.compute_shardings)
+        accumulator = shard_bytes(as_dtype(f32), lay.compute_shardings)
+    else:
+        copy, accumulator = 0, shard_bytes(as_dtype(f32), lay.shardings["params"])
     batch_bytes = sum(math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize for a in batch.values())
-    return {
+    fig = {
         "mesh": dict(mesh.shape),
         "devices": mesh.size,
         "compile_s": compile_s,
@@ -512,9 +589,12 @@ def plan(config, gpus_per_node: int = 8) -> dict[str, Any]:
         "global_batch": gbs,
         "seq_len": d.seq_len,
         "micro_batches": micro,
+        "trainable_layout": tc.trainable_layout,
         "rows_per_device_per_micro_batch": lay.micro_batch_rows_per_device,
         "bytes": {
             "trainable_params": state_bytes["params"],
+            "compute_copy": copy,
+            "gradient_accumulator": accumulator,
             "frozen_params": state_bytes["frozen"],
             "optimizer_state": state_bytes["opt_state"],
             "batch": batch_bytes,
@@ -527,6 +607,28 @@ def plan(config, gpus_per_node: int = 8) -> dict[str, Any]:
         "hw_flops_per_device": hw_flops,
         "model_flops": model_flops_per_step(lay.model_config, gbs, d.seq_len, d.max_num_images),
     }
+    if cached is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(cached + ".tmp", "w") as f:
+            json.dump(fig, f)
+        os.replace(cached + ".tmp", cached)
+    return fig
+
+
+def _digest(program: str, gpus_per_node: int) -> str:
+    """What `plan`'s figures are a function of, hashed: the program, JAX, the node size, and the
+    source of the code that reads the compiled program."""
+    import hashlib
+    import inspect
+
+    import jax
+
+    h = hashlib.sha256(program.encode())
+    h.update(f"{jax.__version__} {gpus_per_node}".encode())
+    readers = (plan, collectives_and_flops, parse_hlo, multiplicities, looped, _trip_count, replica_groups)
+    for fn in readers + (_mesh_groups, _add, array_bytes, shard_bytes):
+        h.update(inspect.getsource(fn).encode())
+    return h.hexdigest()[:24]
 
 
 def estimate(
@@ -541,19 +643,32 @@ def estimate(
 ) -> dict[str, Any]:
     """Adds the memory total and verdict and the step-time / MFU estimate to `plan`'s figures.
 
-    Step time: matmuls at `efficiency` × peak; collectives bandwidth-bound (no latency term):
-    within a node at `nvlink_gbytes` per GPU, across nodes at `internode_gbits` per node shared by
-    its GPUs. Intra-node collectives (tensor parallelism) sit between dependent matmuls and are
-    exposed; inter-node ones (FSDP gathers and gradient reductions) overlap with compute (XLA's
-    latency-hiding scheduler), so step = max(compute + intra-node, inter-node). The no-overlap
-    bound (their sum) is reported too.
+    Step time: matmuls at `efficiency` × peak; collectives bandwidth-bound (no latency term): within
+    a node at `nvlink_gbytes` per GPU, across nodes at `internode_gbits` per node shared by its
+    GPUs. What overlaps with what (`OVERLAP` says it in words, and the report prints it):
+    - intra-node collectives (tensor parallelism's all-reduces) are exposed: each sits between two
+      dependent matmuls, and XLA's windowed einsum only overlaps all-gather→dot and
+      dot→reduce-scatter pairs, which these are not;
+    - inter-node collectives inside the scans (fsdp's per-layer weight all-gathers and gradient
+      reduce-scatters) overlap with compute: the latency-hiding scheduler and the pipelined
+      collectives of launch/slurm/env.sh move the next layer's gather (and the previous layer's
+      reduction) under this layer's matmuls;
+    - inter-node collectives outside every loop (zero1's one gather before the micro-batch scan and
+      one reduce-scatter after it) are exposed: the first micro-batch needs every gathered weight,
+      and the update needs every reduced gradient.
+    step = max(compute + intra-node, inter-node in loops) + inter-node outside loops. The
+    no-overlap bound (the sum of all four) is reported too.
     """
     b = fig["bytes"]
     total = b["arguments"] + b["temporaries"] + b["outputs"] - b["aliased"] + reserve_gb * GB
     compute = fig["hw_flops_per_device"] / (peak_tflops * 1e12 * efficiency)
-    intra = sum(c["traffic"] for c in fig["collectives"] if c["intra_node"]) / (nvlink_gbytes * GB)
-    inter = sum(c["node_bytes"] for c in fig["collectives"]) / (internode_gbits / 8 * GB)
-    step = max(compute + intra, inter)
+    colls = fig["collectives"]
+    intra = sum(c["traffic"] for c in colls if c["intra_node"]) / (nvlink_gbytes * GB)
+    network = internode_gbits / 8 * GB
+    inter_loop = sum(c["node_bytes"] for c in colls if c["in_loop"]) / network
+    inter_step = sum(c["node_bytes"] for c in colls if not c["in_loop"]) / network
+    step = max(compute + intra, inter_loop) + inter_step
+    no_overlap = compute + intra + inter_loop + inter_step
     peak_all = peak_tflops * 1e12 * fig["devices"]
     return dict(
         fig,
@@ -563,12 +678,14 @@ def estimate(
         time={
             "compute_s": compute,
             "intra_node_s": intra,
-            "inter_node_s": inter,
+            "inter_node_in_loops_s": inter_loop,
+            "inter_node_per_step_s": inter_step,
             "step_s": step,
-            "no_overlap_step_s": compute + intra + inter,
+            "no_overlap_step_s": no_overlap,
         },
         mfu=fig["model_flops"] / step / peak_all,
-        mfu_no_overlap=fig["model_flops"] / (compute + intra + inter) / peak_all,
+        mfu_no_overlap=fig["model_flops"] / no_overlap / peak_all,
+        overlap=OVERLAP,
         assumptions={
             "peak_tflops": peak_tflops,
             "matmul_efficiency": efficiency,
@@ -577,6 +694,16 @@ def estimate(
             "runtime_reserve_gb": reserve_gb,
         },
     )
+
+
+OVERLAP = {
+    "overlapped": "inter-node collectives inside the scans (fsdp's per-layer weight all-gathers and gradient "
+    "reduce-scatters): the latency-hiding scheduler and pipelined collectives run them under the neighbouring "
+    "layer's matmuls",
+    "exposed": "intra-node (tensor-parallel) all-reduces, each between two dependent matmuls (windowed einsum "
+    "overlaps only all-gather→dot and dot→reduce-scatter pairs); inter-node collectives outside every loop "
+    "(zero1's once-per-step gather and reduce-scatter): nothing independent is left to compute under them",
+}
 
 
 def plan_generate(
@@ -676,24 +803,33 @@ def report(fig: dict[str, Any]) -> str:
         f"{fig['micro_batches']} micro-batches of {fig['rows_per_device_per_micro_batch']:g} rows per device",
         "",
         "memory per device",
-        f"  trainable params  {_gb(b['trainable_params'])}",
+        f"  trainable params  {_gb(b['trainable_params'])}  (fp32 master weights, layout {fig['trainable_layout']})",
         f"  frozen params     {_gb(b['frozen_params'])}",
         f"  optimizer state   {_gb(b['optimizer_state'])}",
         f"  batch             {_gb(b['batch'])}",
         f"  = step arguments  {_gb(b['arguments'])}  (memory_analysis; outputs alias the donated state)",
-        f"  temporaries       {_gb(b['temporaries'])}  (CPU compile: an upper bound, see --help)",
+        f"  temporaries       {_gb(b['temporaries'])}  (CPU compile: an upper bound, see --help), of which",
+        f"    compute copy    {_gb(b['compute_copy'])}  "
+        + (
+            "(zero1: trainable params in the compute dtype, split over 'tensor' only)"
+            if b["compute_copy"]
+            else "(fsdp: weights gathered one layer at a time)"
+        ),
+        f"    grad accumulator{_gb(b['gradient_accumulator'])}  (fp32, "
+        + ("split over 'tensor' only)" if b["compute_copy"] else "sharded like the params)"),
         f"  runtime reserve   {_gb(fig['assumptions']['runtime_reserve_gb'] * GB)}",
         f"  total             {_gb(fig['memory_total'])}  of {fig['memory_limit'] / GB:g} GB: "
         + ("fits" if fig["fits"] else "DOES NOT FIT"),
         "",
         f"collectives per step (from {fig['hlo_source']}; bytes per device)",
-        f"  {'axes':<14}{'kind':<20}{'count':>8}{'payload':>14}{'on the wire':>14}{'network/node':>14}",
+        f"  {'axes':<14}{'kind':<20}{'where':<7}{'count':>8}{'payload':>14}{'on the wire':>14}{'network/node':>14}",
     ]
     for c in fig["collectives"]:
         lines.append(
-            f"  {c['axes']:<14}{c['kind']:<20}{c['count']:>8}{_gb(c['payload']):>14}"
-            f"{_gb(c['traffic']):>14}{_gb(c['node_bytes']):>14}"
+            f"  {c['axes']:<14}{c['kind']:<20}{'loop' if c['in_loop'] else 'step':<7}{c['count']:>8}"
+            f"{_gb(c['payload']):>14}{_gb(c['traffic']):>14}{_gb(c['node_bytes']):>14}"
         )
+    lines.append("  (where: loop = inside the micro-batch / layer scans; step = once per step, outside every loop)")
     a = fig["assumptions"]
     lines += [
         "",
@@ -704,11 +840,33 @@ def report(fig: dict[str, Any]) -> str:
         f"matmuls; NVLink {a['nvlink_gbytes']:g} GB/s per GPU; network {a['internode_gbits']:g} Gbit/s per "
         f"node):",
         f"  compute {t['compute_s']:.2f} s + intra-node collectives {t['intra_node_s']:.2f} s, "
-        f"overlapped with inter-node collectives {t['inter_node_s']:.2f} s",
+        f"overlapped with inter-node collectives in loops {t['inter_node_in_loops_s']:.2f} s; "
+        f"then inter-node collectives per step {t['inter_node_per_step_s']:.2f} s",
         f"  step {t['step_s']:.2f} s → MFU {fig['mfu']:.1%} "
         f"(no overlap at all: {t['no_overlap_step_s']:.2f} s, MFU {fig['mfu_no_overlap']:.1%})",
+        f"  counted as overlapped: {fig['overlap']['overlapped']}",
+        f"  counted as exposed: {fig['overlap']['exposed']}",
     ]
     lines += [f"warning: {w}" for w in fig["warnings"]]
+    return "\n".join(lines)
+
+
+def compare_table(figs: Sequence[dict[str, Any]]) -> str:
+    """The side-by-side table of estimated plans (one row per layout × micro-batch count)."""
+    head = (
+        f"{'layout':<8}{'micro':>6}{'rows/dev':>9}{'memory':>10}{'':>5}{'net/node loop':>15}{'net/node step':>15}"
+        f"{'compute+TP':>12}{'step':>9}{'MFU':>8}"
+    )
+    lines = [head]
+    for f in figs:
+        t = f["time"]
+        loop = sum(c["node_bytes"] for c in f["collectives"] if c["in_loop"])
+        step = sum(c["node_bytes"] for c in f["collectives"] if not c["in_loop"])
+        lines.append(
+            f"{f['trainable_layout']:<8}{f['micro_batches']:>6}{f['rows_per_device_per_micro_batch']:>9g}"
+            f"{f['memory_total'] / GB:>7.1f} GB{'' if f['fits'] else ' OVER':>5}{loop / GB:>12.1f} GB{step / GB:>12.1f} GB"
+            f"{t['compute_s'] + t['intra_node_s']:>10.2f} s{t['step_s']:>7.2f} s{f['mfu']:>8.1%}"
+        )
     return "\n".join(lines)
 
 
@@ -758,11 +916,7 @@ def _plan() -> None:
             with open(_JSON.value, "w") as f:
                 json.dump(fig, f, indent=1)
         sys.exit(0 if fits else 1)
-    try:
-        fig = plan(config, _PER_NODE.value)
-    finally:
-        shutil.rmtree(os.environ.get(_DUMP_ENV, ""), ignore_errors=True)
-    fig = estimate(
+    est = lambda fig: estimate(
         fig,
         peak_tflops=_PEAK.value,
         efficiency=_EFFICIENCY.value,
@@ -771,6 +925,27 @@ def _plan() -> None:
         limit_gb=_LIMIT.value,
         reserve_gb=_RESERVE.value,
     )
+    if _COMPARE.value:
+        figs = []
+        try:
+            for layout in ("fsdp", "zero1"):
+                for micro in _COMPARE_MICRO.value:
+                    variant = config.copy_and_resolve_references()
+                    variant.train.trainable_layout, variant.train.micro_batches = layout, int(micro)
+                    figs.append(est(plan(variant, _PER_NODE.value, _CACHE.value)))
+                    print(f"planned {layout} × {micro} micro-batches", file=sys.stderr, flush=True)
+        finally:
+            shutil.rmtree(os.environ.get(_DUMP_ENV, ""), ignore_errors=True)
+        print(compare_table(figs), flush=True)
+        if _JSON.value:
+            with open(_JSON.value, "w") as f:
+                json.dump(figs, f, indent=1)
+        return
+    try:
+        fig = plan(config, _PER_NODE.value, _CACHE.value)
+    finally:
+        shutil.rmtree(os.environ.get(_DUMP_ENV, ""), ignore_errors=True)
+    fig = est(fig)
     print(report(fig), flush=True)
     if _JSON.value:
         with open(_JSON.value, "w") as f:

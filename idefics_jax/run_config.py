@@ -208,6 +208,7 @@ TRAIN_SCHEMA: dict[str, Rule] = {
     "init_from": optional(STRING),
     "frozen_dtype": optional(choice(*DTYPES)),
     "frozen_sharding_rules": Rule("None or ((logical, mesh axes), ...)", lambda v: v is None or isinstance(v, tuple)),
+    "trainable_layout": choice("fsdp", "zero1"),
     "optimizer.lr": number(0, lo_open=True),
     "optimizer.end_lr": number(0),
     "optimizer.warmup_steps": integer(0),

@@ -171,9 +171,25 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
     return jax.tree.map(named, specs, is_leaf=lambda x: _is_var(x) or isinstance(x, PartitionSpec))
 
 
+def drop_axes(spec: PartitionSpec, axes: Sequence[str]) -> PartitionSpec:
+    """`spec` with the mesh axes `axes` removed (those dimensions replicated over them instead):
+    P('fsdp', 'tensor') minus ('data', 'fsdp') → P(None, 'tensor')."""
+    out = []
+    for entry in spec:
+        keep = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in axes)
+        out.append(None if not keep else keep[0] if len(keep) == 1 else keep)
+    return PartitionSpec(*out)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """`with_sharding_constraint` by logical axes under the current mesh; a no-op without one."""
+    """`with_sharding_constraint` by logical axes under the current mesh; a no-op without one.
+
+    Inside a `shard_map` that is manual over some mesh axes (zero1's micro-batch loop, train/step.py)
+    the array is already this device's block over those axes: they are dropped from the constraint."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, None, x.shape, mesh))
+    spec = logical_to_spec(axes, None, x.shape, mesh)
+    if mesh.manual_axes:
+        spec = drop_axes(spec, mesh.manual_axes)
+    return jax.lax.with_sharding_constraint(x, spec)

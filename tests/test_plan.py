@@ -103,6 +103,42 @@ def test_collectives_and_flops_are_counted_through_loops():
     assert (cp.count, cp.payload, cp.node_bytes) == (5, 5 * 512, 0)
 
 
+def test_collectives_through_a_call_and_outside_loops():
+    # A shard_map body is a `call` (to_apply=) and its loop bounds reach the compare through copies.
+    text = HLO.replace("%trips = s32[] constant(5)", "%five = s32[] constant(5)\n  %trips = s32[] copy(%five)").replace(
+        """ENTRY %main (x: f32[8,16]) -> f32[8,16] {
+  %x = f32[8,16]{1,0} parameter(0)
+  %start = s32[] constant(0)
+  %init = (s32[], f32[8,16]{1,0}) tuple(%start, %x)
+  %loop = (s32[], f32[8,16]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %res = f32[8,16]{1,0} get-tuple-element(%loop), index=1
+}""",
+        """%manual (m: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %m = (s32[], f32[8,16]{1,0}) parameter(0)
+  ROOT %inner = (s32[], f32[8,16]{1,0}) while(%m), condition=%cond, body=%body
+}
+
+ENTRY %main (x: f32[8,16]) -> f32[8,32] {
+  %x = f32[8,16]{1,0} parameter(0)
+  %start = s32[] constant(0)
+  %init = (s32[], f32[8,16]{1,0}) tuple(%start, %x)
+  %loop = (s32[], f32[8,16]{1,0}) call(%init), to_apply=%manual
+  %res = f32[8,16]{1,0} get-tuple-element(%loop), index=1
+  ROOT %once = f32[8,32]{1,0} all-gather(%res), channel_id=5, replica_groups=[2,2]<=[2,2]T(1,0), dimensions={1}
+}""",
+    )
+    colls, flops, warnings = plan.collectives_and_flops(text, (2, 2), ("fsdp", "tensor"), [0, 1, 2, 3], 2)
+    assert warnings == [] and flops == 5 * 2 * 8 * 16 * 16
+    got = {(c.axes, c.kind, c.in_loop): c.count for c in colls}
+    assert got == {
+        ("tensor", "all-reduce", True): 5,
+        ("fsdp", "all-gather", True): 5,
+        ("fsdp", "reduce-scatter", True): 5,
+        ("tensor", "collective-permute", True): 5,
+        ("fsdp", "all-gather", False): 1,
+    }
+
+
 def test_unknown_trip_count_is_reported():
     text = HLO.replace("%trips = s32[] constant(5)", "%trips = s32[] get-tuple-element(%p0), index=0")
     _, flops, warnings = plan.collectives_and_flops(text, (2, 2), ("fsdp", "tensor"), [0, 1, 2, 3], 2)

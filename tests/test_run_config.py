@@ -25,6 +25,7 @@ def test_all_problems_at_once_each_naming_field_value_and_range():
     c.train.steps = 0
     c.train.optimizer.clip_norm = -1.0
     c.data.global_batch_size = 0
+    c.train.trainable_layout = "zero3"
     c.train.lerning_rate = 1.0
     with pytest.raises(run_config.ConfigError) as e:
         run_config.parse(c)
@@ -38,6 +39,7 @@ def test_all_problems_at_once_each_naming_field_value_and_range():
         "train.steps=0",
         "train.optimizer.clip_norm=-1.0",
         "data.global_batch_size=0",
+        "train.trainable_layout='zero3': expected one of 'fsdp', 'zero1'",
         "train.lerning_rate: unknown field",
     ):
         assert expected in found, (expected, found)

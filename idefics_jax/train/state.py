@@ -10,6 +10,11 @@ The state is a plain dict pytree, so the train step is a plain `jax.jit` over it
   opt_state optax state over `params` only
   step      int32 [] training steps taken (= the data position)
   updates   int32 [] updates applied (steps minus skipped ones; drives the LR schedule)
+
+The stored state is the same under both `train.trainable_layout`s (so a checkpoint restores into
+either); zero1 only adds, for the step, the layout of the per-step compute copy of `params`
+(`Layout.compute_shardings` / `compute_dtypes`) and the mesh axes it is replicated over
+(`Layout.batch_axes`).
 """
 
 from __future__ import annotations
@@ -47,6 +52,13 @@ def _decays(owner: nnx.Module, leaf: str) -> bool:
     return not (isinstance(owner, (L.RMSNorm, L.LayerNorm)) or leaf == "bias" or leaf.startswith("alpha"))
 
 
+def _read_in_fp32(owner: nnx.Module, leaf: str) -> bool:
+    # The model reads norm scales/biases and the tanh gates in float32 and every other parameter
+    # cast to its compute dtype (models/layers.py): zero1's compute copy casts exactly those, so it
+    # computes the same function as the fp32 master weights.
+    return isinstance(owner, (L.RMSNorm, L.LayerNorm)) or leaf.startswith("alpha")
+
+
 def optimizer(opt: ml_collections.ConfigDict, lr: optax.Schedule, decay_mask: Any) -> optax.GradientTransformation:
     """Global-norm clipping (off when clip_norm is 0) then AdamW on schedule `lr` with `decay_mask`
     (a pytree of bools like the params)."""
@@ -69,6 +81,10 @@ class Layout:
     mesh: jax.sharding.Mesh
     rules: sharding.Rules
     micro_batch_rows_per_device: int
+    trainable_layout: str  # 'fsdp' | 'zero1' (train.trainable_layout)
+    batch_axes: tuple[str, ...]  # mesh axes the 'batch' rule splits activations over
+    compute_shardings: Any  # zero1: trainable params' shardings with `batch_axes` dropped (tensor only)
+    compute_dtypes: Any  # zero1: per trainable leaf, the dtype the model reads it in
 
     @contextlib.contextmanager
     def activate(self) -> Iterator[None]:
@@ -118,10 +134,12 @@ def layout(run: Run | ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Lay
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, frozen_dtype), frozen)
     if not jax.tree.leaves(params):
         raise UserError("model config freezes every parameter: nothing to train")
-    decay = jax.tree.map(lambda _: True, params)
-    decay = nnx.from_flat_state(
-        [(p, v.replace(_decays(owners[tuple(p[:-1])], str(p[-1])))) for p, v in nnx.to_flat_state(decay)]
+    by_leaf = lambda rule: nnx.from_flat_state(
+        [(p, v.replace(rule(owners[tuple(p[:-1])], str(p[-1])))) for p, v in nnx.to_flat_state(params)]
     )
+    decay = by_leaf(_decays)
+    compute = jnp.dtype(model_config.dtype)
+    compute_dtypes = by_leaf(lambda o, leaf: jnp.dtype(jnp.float32) if _read_in_fp32(o, leaf) else compute)
     lr = schedule(config.train.optimizer)
     tx = optimizer(config.train.optimizer, lr, decay)
     opt_abstract = jax.eval_shape(tx.init, params)
@@ -136,7 +154,40 @@ def layout(run: Run | ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Lay
         "step": replicated,
         "updates": replicated,
     }
-    return Layout(model_config, graphdef, abstract, shardings, tx, lr, mesh, rules, rows)
+    batch_axes = logical_axes(rules, "batch")
+    if config.train.trainable_layout == "zero1" and not batch_axes:
+        raise UserError(
+            "train.trainable_layout='zero1' needs the sharding_rules' 'batch' entry to name mesh axes "
+            "(the compute copy is replicated over them); it names none"
+        )
+    compute_shardings = jax.tree.map(
+        lambda s: NamedSharding(mesh, sharding.drop_axes(s.spec, batch_axes)), p_sh, is_leaf=_is_sharding
+    )
+    return Layout(
+        model_config,
+        graphdef,
+        abstract,
+        shardings,
+        tx,
+        lr,
+        mesh,
+        rules,
+        rows,
+        config.train.trainable_layout,
+        batch_axes,
+        compute_shardings,
+        compute_dtypes,
+    )
+
+
+def _is_sharding(x: Any) -> bool:
+    return isinstance(x, NamedSharding)
+
+
+def logical_axes(rules: sharding.Rules, name: str) -> tuple[str, ...]:
+    """The mesh axes logical axis `name` maps to under `rules` (() when unsplit)."""
+    target = dict(rules).get(name)
+    return (target,) if isinstance(target, str) else tuple(target or ())
 
 
 def _like_params(tree: Any, params: Any, params_shardings: Any, other: NamedSharding) -> Any:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from idefics_jax import distributed, sharding
 from idefics_jax.data.schema import MODEL_INPUTS
@@ -45,6 +46,39 @@ def _micro(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
     return {k: split(v) for k, v in batch.items()}
 
 
+def _accumulate(graphdef, p, frozen, micro, total, loss_scale, z_loss, num_datasets, acc_specs=None):
+    """Scan over micro-batches [n, rows, ...]: gradients of the loss w.r.t. `p` summed into float32
+    accumulators (constrained to `acc_specs` when given), and the loss sums.
+
+    Returns (grads like `p` in float32, ce_sum [], z_sum [], ds_loss [num_datasets], ds_tok [num_datasets]).
+    """
+
+    def micro_loss(q, mb):
+        ce, z, w = loss_sums(nnx.merge(graphdef, q, frozen), mb)
+        return (ce.sum() + z_loss * z.sum()) / total * loss_scale, (ce, z, w, mb["dataset_id"])
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    pin = (
+        (lambda t: t) if acc_specs is None else (lambda t: jax.tree.map(jax.lax.with_sharding_constraint, t, acc_specs))
+    )
+
+    def accumulate(carry, mb):
+        g_acc, ce_acc, z_acc, ds_loss, ds_tok = carry
+        (_, (ce, z, w, ds)), g = grad_fn(p, mb)
+        onehot = jax.nn.one_hot(ds, num_datasets, dtype=jnp.float32)
+        return (
+            pin(jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g)),
+            ce_acc + ce.sum(),
+            z_acc + z.sum(),
+            ds_loss + onehot.T @ ce,
+            ds_tok + onehot.T @ w,
+        ), None
+
+    zero = pin(jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p))
+    init = (zero, jnp.float32(0), jnp.float32(0), jnp.zeros(num_datasets), jnp.zeros(num_datasets))
+    return jax.lax.scan(accumulate, init, micro)[0]
+
+
 def make_train_step(lay: Layout, z_loss: float, micro_batches: int, num_datasets: int) -> Callable:
     """`step(state, batch, spike_threshold, loss_scale) -> (state, metrics)`, jitted with explicit
     shardings and the state donated.
@@ -53,34 +87,72 @@ def make_train_step(lay: Layout, z_loss: float, micro_batches: int, num_datasets
     loss_scale float32 [] multiplies loss and gradients (1.0; the fault-injection hook of the tests).
     metrics: loss, z_loss, grad_norm, lr, applied (bool), nonfinite (bool), spike (bool), tokens,
     and per-dataset `ds_loss_sum` / `ds_tokens` [num_datasets].
+
+    `lay.trainable_layout` chooses how the gradients are computed (the update is the same):
+    - fsdp: differentiate w.r.t. the stored params; per micro-batch the partitioner all-gathers each
+      layer's weights over the batch axes (forward, remat and backward) and reduce-scatters its
+      gradients.
+    - zero1: the stored params are cast to the dtype the model reads them in (`lay.compute_dtypes`)
+      and all-gathered over the batch axes ONCE per step (`lay.compute_shardings`: tensor-split
+      only); the micro-batch scan runs in a shard_map manual over the batch axes, so each device
+      differentiates w.r.t. its replicated compute copy and sums its own rows' gradients in a
+      float32 accumulator (kept tensor-split) with no collective over those axes; after the scan
+      the per-device sums, stacked over the batch axes, are summed into the master weights'
+      layout: one reduce-scatter per parameter onto the optimizer's shards. (A
+      replicated weight's gradient outside a shard_map would be all-reduced by the partitioner in
+      every micro-batch: the accumulation has to be local by construction.) Needs the 'batch'
+      rule to name at least one mesh axis (the default: 'data', 'fsdp').
     """
     graphdef, tx, lr = lay.graphdef, lay.tx, lay.lr
+    axes = lay.batch_axes
+    specs = jax.tree.map(lambda s: s.spec, lay.compute_shardings)
+
+    def zero1_grads(params, frozen, micro, total, loss_scale):
+        # Cast on the master weights' shards (pinned there), then gather: the all-gather moves the
+        # compute dtype (bf16 on the GPU), not fp32.
+        compute = jax.tree.map(
+            lambda x, dt, master, gathered: jax.lax.with_sharding_constraint(
+                jax.lax.with_sharding_constraint(x.astype(dt), master), gathered
+            ),
+            params,
+            lay.compute_dtypes,
+            lay.shardings["params"],
+            lay.compute_shardings,
+        )
+
+        def local(compute, frozen, micro, total, loss_scale):
+            g, *sums = _accumulate(graphdef, compute, frozen, micro, total, loss_scale, z_loss, num_datasets, specs)
+            # Each device's own sum, stacked on a new leading axis over the batch axes: no collective.
+            return jax.tree.map(lambda x: x[None], g), *(jax.lax.psum(v, axes) for v in sums)
+
+        local = jax.shard_map(
+            local,
+            mesh=lay.mesh,
+            in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(None, axes), PartitionSpec(), PartitionSpec()),
+            out_specs=(PartitionSpec(axes), *(PartitionSpec(),) * 4),
+            axis_names=set(axes),
+            check_vma=False,
+        )
+        stacked, *sums = local(compute, frozen, micro, total, loss_scale)
+        # Summing the stacked axis into the master weights' layout is one reduce-scatter over the
+        # axes they are split on (an all-reduce over those they are replicated on, e.g. 'data'),
+        # left to the partitioner: inside the shard_map, where 'tensor' is automatic, XLA gathered
+        # the accumulator over 'tensor' before reduce-scattering it (8× the bytes and the memory).
+        grads = jax.tree.map(
+            lambda x, s: jax.lax.with_sharding_constraint(x.sum(0), s), stacked, lay.shardings["params"]
+        )
+        return grads, *sums
 
     def step(state, batch, spike_threshold, loss_scale):
         params, frozen = state["params"], state["frozen"]
         total = jnp.maximum(batch["loss_mask"][:, 1:].astype(jnp.float32).sum(), 1.0)
-
-        def micro_loss(p, mb):
-            ce, z, w = loss_sums(nnx.merge(graphdef, p, frozen), mb)
-            return (ce.sum() + z_loss * z.sum()) / total * loss_scale, (ce, z, w, mb["dataset_id"])
-
-        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-        def accumulate(carry, mb):
-            g_acc, ce_acc, z_acc, ds_loss, ds_tok = carry
-            (_, (ce, z, w, ds)), g = grad_fn(params, mb)
-            onehot = jax.nn.one_hot(ds, num_datasets, dtype=jnp.float32)
-            return (
-                jax.tree.map(jnp.add, g_acc, g),
-                ce_acc + ce.sum(),
-                z_acc + z.sum(),
-                ds_loss + onehot.T @ ce,
-                ds_tok + onehot.T @ w,
-            ), None
-
-        zero = jax.tree.map(jnp.zeros_like, params)
-        init = (zero, jnp.float32(0), jnp.float32(0), jnp.zeros(num_datasets), jnp.zeros(num_datasets))
-        (grads, ce_sum, z_sum, ds_loss, ds_tok), _ = jax.lax.scan(accumulate, init, _micro(batch, micro_batches))
+        micro = _micro(batch, micro_batches)
+        if lay.trainable_layout == "zero1":
+            grads, ce_sum, z_sum, ds_loss, ds_tok = zero1_grads(params, frozen, micro, total, loss_scale)
+        else:
+            grads, ce_sum, z_sum, ds_loss, ds_tok = _accumulate(
+                graphdef, params, frozen, micro, total, loss_scale, z_loss, num_datasets
+            )
         loss = ce_sum / total * loss_scale
         grad_norm = optax.tree.norm(grads)
         nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
