@@ -387,7 +387,7 @@ def verify_report(workdir: str) -> tuple[str, bool]:
         raise UserError(f"{directory}: no checkpoint directory")
     rows, newest_ok = [], None
     store = os.path.join(directory, fmt.FROZEN_DIR, str(fmt.FROZEN_STEP))
-    store_problems = integrity.verify(store) if os.path.isdir(store) else []
+    store_problems = integrity.verify(store) if os.path.isdir(os.path.dirname(store)) else []
     names = sorted(os.listdir(directory), key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
     for name in names:
         path = os.path.join(directory, name)
