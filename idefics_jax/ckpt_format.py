@@ -8,6 +8,14 @@ atomically: Orbax writes into a temporary name and renames it when complete), ea
 - `config`: JSON; `{"model": IdeficsConfig.to_dict(), ...}` — the trainer stores its whole config.
 - training only: `opt_state` (StandardSave) and `train_state` (JSON: step, RNG, data position,
   counters).
+- training with frozen parameters only: `frozen_ref` (JSON `{"directory", "fingerprint"}`). Then the
+  step's `params` item holds the trainable parameters alone, and the frozen ones — which never change
+  during a run — are in the *frozen store* `<root>/<directory>` (`frozen`), written once per run: a
+  checkpoint directory of its own whose step 0 holds a `params` item and its integrity manifest.
+  `fingerprint` is the store's `integrity.fingerprint` when the step was saved; a step whose store is
+  missing, or holds other content, or fails verification, is refused naming the path. Steps without
+  `frozen_ref` (converted checkpoints, runs with nothing frozen, checkpoints written before the store
+  existed) hold every parameter in `params`; every reader below takes both forms.
 
 A converted checkpoint (tools/convert_weights.py) has `params` and `config` only, at step 0. The
 converters stream: `ParamsWriter` builds the `params` item from a few leaves at a time (Orbax partial
@@ -37,7 +45,11 @@ from idefics_jax import integrity
 from idefics_jax.config import IdeficsConfig
 from idefics_jax.errors import UserError
 
-PARAMS, CONFIG, OPT_STATE, TRAIN_STATE = "params", "config", "opt_state", "train_state"
+PARAMS, CONFIG, OPT_STATE, TRAIN_STATE, FROZEN_REF = "params", "config", "opt_state", "train_state", "frozen_ref"
+# The frozen store under a checkpoint root (see the module docstring) and its one step.
+FROZEN_DIR, FROZEN_STEP = "frozen", 0
+
+Path = tuple[str, ...]  # a parameter's state path, e.g. ("blocks", "layers", "mlp", "up_proj", "kernel")
 
 
 class CheckpointNotFound(UserError, FileNotFoundError):
@@ -94,12 +106,62 @@ def _step(mngr: ocp.CheckpointManager, directory, step: int | None) -> int:
     return step
 
 
+def _problems(what: str, problems: list[str]) -> CheckpointCorrupt:
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    return CheckpointCorrupt(f"{what} failed verification: {problems[0]}{more}")
+
+
 def verify_step(directory: str | os.PathLike, step: int) -> None:
-    """Raises CheckpointCorrupt naming the first bad file when `step`'s files differ from its manifest."""
+    """Raises CheckpointCorrupt naming the first bad file when `step`'s files differ from its manifest,
+    and (`frozen_store`) when the frozen store it references is missing, other or corrupt."""
     problems = integrity.verify(os.path.join(os.path.abspath(os.fspath(directory)), str(step)))
     if problems:
-        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise CheckpointCorrupt(f"{directory} step {step} failed verification: {problems[0]}{more}")
+        raise _problems(f"{directory} step {step}", problems)
+    frozen_store(directory, step, verify=True)
+
+
+def frozen_ref(directory: str | os.PathLike, step: int) -> dict[str, str] | None:
+    """The `frozen_ref` item of `step` ({"directory": relative to the root, "fingerprint": hex}), or
+    None when the step holds every parameter itself."""
+    root = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(os.path.join(root, str(step), FROZEN_REF)):
+        return None
+    mngr = manager(root, ocp.CheckpointManagerOptions(read_only=True, create=False), (FROZEN_REF,))
+    try:
+        return mngr.restore(step, args=ocp.args.Composite(**{FROZEN_REF: ocp.args.JsonRestore()}))[FROZEN_REF]
+    finally:
+        mngr.close()
+
+
+def frozen_store(
+    directory: str | os.PathLike, step: int, verify: bool = False, shard: tuple[int, int] = (0, 1)
+) -> str | None:
+    """The root of the frozen store `step` references (its parameters are at step `FROZEN_STEP`), or
+    None when the step holds every parameter itself.
+
+    Refuses in one line naming the path: CheckpointNotFound when the store is missing or was never
+    finalised, CheckpointCorrupt when it holds other content than the step was saved with (its
+    fingerprint differs) or, with `verify`, when its files differ from its manifest (`shard`: as
+    `integrity.verify`, the processes split the re-hashing)."""
+    ref = frozen_ref(directory, step)
+    if ref is None:
+        return None
+    root = os.path.join(os.path.abspath(os.fspath(directory)), ref["directory"])
+    store = os.path.join(root, str(FROZEN_STEP))
+    whose = f"the frozen weights of {directory} step {step}, written once per run"
+    if not os.path.isdir(root):
+        raise CheckpointNotFound(f"{root}: missing; it holds {whose}: restore it from a copy")
+    if not integrity.has_manifest(store):
+        raise CheckpointNotFound(f"{store}: missing or never finalised (no manifest); it holds {whose}")
+    got = integrity.fingerprint(store)
+    if got != ref["fingerprint"]:
+        raise CheckpointCorrupt(
+            f"{store}: holds other weights than {whose} (fingerprint {got[:16]}…, the step recorded "
+            f"{ref['fingerprint'][:16]}…): restore the store the step was saved with"
+        )
+    if verify and (problems := integrity.verify(store, shard)):
+        raise _problems(f"{store} ({whose})", problems)
+    return root
 
 
 def restore_params(
@@ -118,11 +180,28 @@ def restore_params(
     target = jax.tree.map(
         lambda a, s=None: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure, *(() if sh is None else (sh,))
     )
-    mngr = manager(directory, ocp.CheckpointManagerOptions(read_only=True, create=False))
-    try:
-        restored = mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))[PARAMS]
-    finally:
-        mngr.close()
+    sources = _param_sources(directory, step)
+    if len(sources) == 1:
+        mngr = manager(directory, ocp.CheckpointManagerOptions(read_only=True, create=False))
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))[PARAMS]
+        finally:
+            mngr.close()
+    else:  # trainable parameters from the step, frozen ones from its store: each leaf from where it is
+        where = _located(directory, step)
+        flat = {_key_path(kp): t for kp, t in jax.tree_util.tree_flatten_with_path(target)[0]}
+        absent = [p for p in flat if p not in where]
+        if absent:
+            raise CheckpointNotFound(
+                f"{directory} step {step}: parameter {'.'.join(absent[0])!r} is neither in the step nor in its "
+                f"frozen store {sources[1][0]}"
+            )
+        got: dict[Path, Any] = {}
+        for root, s in sources:
+            part = {p: t for p, t in flat.items() if where[p][:2] == (root, s)}
+            if part:
+                got.update(_restore_some(root, s, part))
+        restored = _nest(got)
     params = jax.tree.map(lambda x: x, abstract_params)
     nnx.replace_by_pure_dict(params, restored)
     return params
@@ -153,8 +232,6 @@ def load(
 
 
 # Streaming (the converters) ----------------------------------------------------------------------
-
-Path = tuple[str, ...]
 
 # Chunk size of streamed arrays: large enough for fast sequential writes, small enough that a
 # sharded restore reads little beyond its own shard.
@@ -257,50 +334,108 @@ class ParamsWriter:
         shutil.rmtree(self.work)
 
 
-def params_metadata(directory: str | os.PathLike, step: int) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
-    """{our state path: (shape, numpy dtype)} of the `params` item of `step`, read from metadata only."""
+def _key_path(kp) -> Path:
+    return tuple(str(getattr(k, "key", k)) for k in kp)
+
+
+def _param_sources(directory: str | os.PathLike, step: int) -> list[tuple[str, int]]:
+    """(checkpoint root, step) of each place holding parameters of `step`: the step itself, then the
+    frozen store it references (checked: present, same fingerprint)."""
+    store = frozen_store(directory, step)
+    return [(os.path.abspath(os.fspath(directory)), step)] + ([(store, FROZEN_STEP)] if store else [])
+
+
+def _item_metadata(root: str, step: int) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
+    """{path: (shape, numpy dtype)} of the `params` item of one step directory, from metadata only."""
     # Naming the handler lets Orbax read the metadata whatever wrote the item.
     mngr = ocp.CheckpointManager(
-        os.path.abspath(os.fspath(directory)),
+        root,
         options=ocp.CheckpointManagerOptions(read_only=True, create=False),
         item_handlers={PARAMS: ocp.StandardCheckpointHandler()},
     )
     tree = mngr.item_metadata(step)[PARAMS]
     mngr.close()
     if tree is None:
-        raise CheckpointNotFound(f"{directory}: step {step} has no readable '{PARAMS}' item")
+        raise CheckpointNotFound(f"{root}: step {step} has no readable '{PARAMS}' item")
     tree = getattr(tree, "tree", tree)
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {tuple(str(getattr(k, "key", k)) for k in kp): (tuple(m.shape), np.dtype(m.dtype)) for kp, m in flat}
+    return {_key_path(kp): (tuple(m.shape), np.dtype(m.dtype)) for kp, m in flat}
 
 
-def iter_params(
-    directory: str | os.PathLike, step: int, paths: Iterable[Path], verify: bool = True
-) -> Iterator[tuple[Path, np.ndarray]]:
-    """(path, numpy array) for each of `paths` in the `params` item of `step`, read one leaf at a time.
+def _located(directory: str | os.PathLike, step: int) -> dict[Path, tuple[str, int, tuple[int, ...], np.dtype]]:
+    """{path: (root, step, shape, dtype)}: where each parameter of `step` is stored (the step's own
+    `params` item first, then its frozen store)."""
+    out: dict[Path, tuple[str, int, tuple[int, ...], np.dtype]] = {}
+    for root, s in _param_sources(directory, step):
+        for path, (shape, dtype) in _item_metadata(root, s).items():
+            out.setdefault(path, (root, s, shape, dtype))
+    return out
 
-    Each array has its stored shape and dtype; only one is in memory at a time (plus Orbax's read
-    buffers, about half of it). The step is verified against its manifest before the first leaf is
-    read (`verify=False`: the caller already did).
-    """
-    if verify:
-        verify_step(directory, step)
-    mngr = manager(directory, ocp.CheckpointManagerOptions(read_only=True, create=False))
-    meta = params_metadata(directory, step)
-    for path in paths:
-        shape, dtype = meta[path]
-        item = _nest({path: jax.ShapeDtypeStruct(shape, dtype)})
-        restore_args = _nest({path: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)})
+
+def _restore_some(root: str, step: int, part: Mapping[Path, jax.ShapeDtypeStruct]) -> dict[Path, Any]:
+    """The leaves `part` names ({path: target with dtype and, optionally, sharding}) of one step's
+    `params` item, placed by the targets' shardings (host numpy arrays where a target has none)."""
+    item = _nest(part)
+    restore_args = _nest(
+        {
+            p: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype)
+            if t.sharding is not None
+            else ocp.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype)
+            for p, t in part.items()
+        }
+    )
+    mngr = manager(root, ocp.CheckpointManagerOptions(read_only=True, create=False))
+    try:
         out = mngr.restore(
             step,
             args=ocp.args.Composite(
                 **{PARAMS: ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)}
             ),
         )[PARAMS]
-        for k in path:
-            out = out[k]
-        # Hold no reference across the yield, so the caller's `del` frees the leaf before the next read.
-        leaf, out = out, None
-        yield path, leaf
-        del leaf
-    mngr.close()
+    finally:
+        mngr.close()
+    return {_key_path(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(out)[0]}
+
+
+def params_metadata(directory: str | os.PathLike, step: int) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
+    """{our state path: (shape, numpy dtype)} of every parameter of `step` (its `params` item, and its
+    frozen store when it references one), read from metadata only."""
+    return {p: (shape, dtype) for p, (_, _, shape, dtype) in _located(directory, step).items()}
+
+
+def iter_params(
+    directory: str | os.PathLike, step: int, paths: Iterable[Path], verify: bool = True
+) -> Iterator[tuple[Path, np.ndarray]]:
+    """(path, numpy array) for each of `paths` among the parameters of `step` (its `params` item or
+    its frozen store), read one leaf at a time.
+
+    Each array has its stored shape and dtype; only one is in memory at a time (plus Orbax's read
+    buffers, about half of it). The step (and its frozen store) is verified against its manifest
+    before the first leaf is read (`verify=False`: the caller already did).
+    """
+    if verify:
+        verify_step(directory, step)
+    where = _located(directory, step)
+    managers: dict[str, ocp.CheckpointManager] = {}
+    try:
+        for path in paths:
+            root, s, shape, dtype = where[path]
+            if root not in managers:
+                managers[root] = manager(root, ocp.CheckpointManagerOptions(read_only=True, create=False))
+            item = _nest({path: jax.ShapeDtypeStruct(shape, dtype)})
+            restore_args = _nest({path: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)})
+            out = managers[root].restore(
+                s,
+                args=ocp.args.Composite(
+                    **{PARAMS: ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)}
+                ),
+            )[PARAMS]
+            for k in path:
+                out = out[k]
+            # Hold no reference across the yield, so the caller's `del` frees the leaf before the next read.
+            leaf, out = out, None
+            yield path, leaf
+            del leaf
+    finally:
+        for mngr in managers.values():
+            mngr.close()

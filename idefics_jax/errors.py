@@ -72,6 +72,7 @@ def _without_late_loop_callbacks(previous: Callable) -> Callable:
 _NOISE = (
     "read_only=True, setting save_interval_steps",  # Orbax, opening a checkpoint to read it
     "Given directory is read only",
+    "was found in the checkpoint, but could not be restored",  # Orbax, when we read only some items of a step
 )
 
 

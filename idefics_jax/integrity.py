@@ -7,7 +7,9 @@ a truncated file or a half-synced shared filesystem restores silently. So every 
 process owns (OCDBT's `ocdbt.process_<i>` data files; process 0 owns the rest: metadata, JSON items,
 commit markers), plus the number of processes. `verify` re-hashes every file and lists every
 difference (missing, resized, altered, or unlisted files; a missing manifest). The trainer, the
-converters, `idefics_jax.load` and `init_from` verify before they restore.
+converters, `idefics_jax.load` and `init_from` verify before they restore. `fingerprint` names a
+finalised directory's content by its manifests alone (no re-read), so a checkpoint step can record
+which frozen-weights store (idefics_jax.ckpt_format) it was saved with.
 
 Hashing reads each file once more after the save (≈ 1 GB/s per process; at 80B each process hashes
 only its own share).
@@ -76,6 +78,29 @@ def has_manifest(step_dir: str) -> bool:
     return os.path.isfile(os.path.join(step_dir, f"{MANIFEST_PREFIX}0.json"))
 
 
+def _listed(step_dir: str) -> dict[str, list]:
+    """{relative path: [size, sha256]} over all of a step's manifests (OSError, ValueError or
+    KeyError when one is missing or unreadable)."""
+    with open(os.path.join(step_dir, f"{MANIFEST_PREFIX}0.json")) as f:
+        count = json.load(f)["process_count"]
+    listed: dict[str, list] = {}
+    for i in range(count):
+        with open(os.path.join(step_dir, f"{MANIFEST_PREFIX}{i}.json")) as f:
+            listed.update(json.load(f)["files"])
+    return listed
+
+
+def fingerprint(step_dir: str) -> str:
+    """Hex sha256 over the manifests' entries (every file's relative path, size and sha256) of a
+    finalised directory: equal for equal content, computed without reading the data files.
+    ValueError naming the directory when a manifest is missing or unreadable."""
+    try:
+        listed = _listed(step_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{step_dir}: unreadable manifest ({e})") from e
+    return hashlib.sha256(json.dumps(sorted(listed.items())).encode()).hexdigest()
+
+
 def verify(step_dir: str, shard: tuple[int, int] = (0, 1)) -> list[str]:
     """Problems of a step directory against its manifests (empty: verified). `shard` = (index, count)
     re-hashes only every count-th file from index (processes split the reading; every process still
@@ -85,12 +110,7 @@ def verify(step_dir: str, shard: tuple[int, int] = (0, 1)) -> list[str]:
     if not os.path.isfile(first):
         return [f"{step_dir}: no manifest ({MANIFEST_PREFIX}0.json): the save never finished its verification step"]
     try:
-        with open(first) as f:
-            count = json.load(f)["process_count"]
-        listed: dict[str, list] = {}
-        for i in range(count):
-            with open(os.path.join(step_dir, f"{MANIFEST_PREFIX}{i}.json")) as f:
-                listed.update(json.load(f)["files"])
+        listed = _listed(step_dir)
     except (OSError, ValueError, KeyError) as e:
         return [f"{step_dir}: unreadable manifest ({e})"]
     problems = []

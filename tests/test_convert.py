@@ -130,9 +130,12 @@ def test_bfloat16_and_bin_roundtrip_is_byte_identical(tmp_path):
     assert json.loads((tmp_path / "back" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_jax_to_hf_from_training_checkpoint_any_step(tmp_path):
+@pytest.mark.parametrize("frozen", [False, True], ids=["all-trainable", "frozen-store"])
+def test_jax_to_hf_from_training_checkpoint_any_step(tmp_path, frozen):
     """A checkpoint as the trainer writes it (train/checkpointer.py): params (jax arrays) + opt_state +
-    config + train_state per step, each step finalised with its integrity manifest."""
+    config + train_state per step, each step finalised with its integrity manifest. With frozen
+    parameters (the same at every step, as in training), the steps hold only the trainable ones and
+    reference the frozen store written at the first save; the export and `load` join both."""
     import jax
     import ml_collections
 
@@ -141,21 +144,25 @@ def test_jax_to_hf_from_training_checkpoint_any_step(tmp_path):
 
     config = IdeficsConfig.from_hf(hf_config())
     abstract = abstract_state(config)[1]
+    is_new = lambda path: path[0] == "perceiver_resampler" or path[:2] == ("blocks", "gated_cross_attn_layer")
+    pick = lambda params, want: nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(params) if want(p)])
+    random = lambda tree, rng: jax.tree.map(lambda a: jax.numpy.asarray(rng.standard_normal(a.shape, np.float32)), tree)
+    fixed = random(pick(abstract, lambda p: not is_new(p)), np.random.default_rng(0)) if frozen else nnx.State({})
     train_cfg = ml_collections.ConfigDict(dict(keep_checkpoints=5, keep_period=0, async_checkpointing=False))
     ckpt = Checkpointer(str(tmp_path / "run"), train_cfg)
     run_config = ml_collections.ConfigDict({"model": config.to_dict(), "train": {"lr": 1e-4}})
     states = {}
     for step in (3, 7):
-        rng = np.random.default_rng(step)
-        params = jax.tree.map(lambda a, rng=rng: jax.numpy.asarray(rng.standard_normal(a.shape, np.float32)), abstract)
-        states[step] = nnx.to_pure_dict(params)
-        state = {"params": params, "frozen": nnx.State({}), "opt_state": jax.tree.map(jax.numpy.zeros_like, params)}
+        params = random(pick(abstract, is_new) if frozen else abstract, np.random.default_rng(step))
+        states[step] = nnx.to_pure_dict(nnx.merge_state(params, fixed))
+        state = {"params": params, "frozen": fixed, "opt_state": jax.tree.map(jax.numpy.zeros_like, params)}
         ckpt.save(step, state, {"step": step}, run_config)
     ckpt.close()
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["3", "7"]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["3", "7", *(["frozen"] if frozen else [])]
     for step, argv in ((3, ["--step", "3"]), (7, [])):
         out = tmp_path / f"hf{step}"
-        convert("jax-to-hf", "--ckpt", tmp_path / "run" / "checkpoints", "--out", out, *argv)
+        convert("jax-to-hf", "--ckpt", ckpts, "--out", out, *argv)
         tensors = hf_tensors(out)
         for e in hf.entries(config):
             value = states[step]
@@ -163,6 +170,15 @@ def test_jax_to_hf_from_training_checkpoint_any_step(tmp_path):
                 value = value[k]
             for name, t in hf.iter_hf(e, np.asarray(value)):
                 np.testing.assert_array_equal(tensors[name], t, err_msg=f"step {step} {name}")
+    if frozen:  # the step's own params item: only the trainable leaves
+        own = ckpt_format._item_metadata(str(ckpts), 7)
+        assert set(own) == {tuple(map(str, p)) for p, _ in nnx.to_flat_state(pick(abstract, is_new))}
+        model_params = nnx.to_pure_dict(nnx.state(idefics_jax.load(ckpts, step=3), nnx.Param))
+        for path, _ in nnx.to_flat_state(abstract):
+            got, want = model_params, states[3]
+            for k in path:
+                got, want = got[k], want[k]
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(path))
 
 
 def _flip_bytes(path, n=400):

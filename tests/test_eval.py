@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from testlib import ROOT
+from testlib import ROOT, random_checkpoint
 
 from idefics_jax.data import Processor, tiny
 from idefics_jax.errors import UserError
@@ -186,21 +186,6 @@ def test_bad_input_is_one_user_error_before_any_model_call(tiny_tasks, tmp_path)
         evaluate(None, processor, "vqav2", data, shots=[0])
 
 
-def _random_checkpoint(directory) -> None:
-    from flax import nnx
-
-    from idefics_jax import run_config
-    from idefics_jax.ckpt_format import ParamsWriter
-    from idefics_jax.models import Idefics
-
-    config = run_config.parse(run_config.load(os.path.join(ROOT, "configs", "tiny.py"))).model
-    model = Idefics(config, rngs=nnx.Rngs(0))
-    writer = ParamsWriter(directory, 0)
-    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        writer.add(tuple(str(p) for p in path), np.asarray(v.get_value()))
-    writer.finish({"model": config.to_dict()})
-
-
 def _cli(*args):
     env = {**os.environ, "PYTHONPATH": ROOT}
     return subprocess.run(
@@ -210,7 +195,7 @@ def _cli(*args):
 
 @pytest.mark.slow
 def test_cli_on_the_tiny_task_skips_a_corrupt_image(tiny_tasks, tmp_path):
-    _random_checkpoint(tmp_path / "ckpt")
+    random_checkpoint(tmp_path / "ckpt")
     data, corrupt = _tiny_vqa_copy(tiny_tasks["vqav2"], tmp_path / "vqa")
     common = ["--ckpt", str(tmp_path / "ckpt"), "--tokenizer", tiny_tasks["tokenizer"], "--data", data]
     r = _cli(*common, "--task", "vqav2", "--shots", "0,2", "--num-samples", "6", "--batch-size", "4",

@@ -14,9 +14,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
-from testlib import ROOT, load_config, losses, records
+from testlib import ROOT, load_config, losses, random_checkpoint, records
 
+import idefics_jax
+from idefics_jax import ckpt_format as fmt
+from idefics_jax import integrity
+from idefics_jax.errors import UserError
 from idefics_jax.train import checkpointer as checkpointer_lib
 from idefics_jax.train.loop import train
 
@@ -76,6 +81,27 @@ def uninterrupted(tmp_path_factory):
     return losses(workdir)
 
 
+FREEZE = ["--config.model.freeze_text_layers=True", "--config.model.freeze_vision_layers=True"]
+FREEZE += ["--config.model.freeze_lm_head=True"]
+
+
+@pytest.fixture(scope="module")
+def init_from(tmp_path_factory) -> str:
+    """A converted-style checkpoint of the tiny model (other weights than the run's own seed)."""
+    path = tmp_path_factory.mktemp("init") / "ckpt"
+    random_checkpoint(path, seed=1)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_frozen(tmp_path_factory, init_from):
+    """(workdir, step → loss) of the 12-step run started from `init_from` with the LLaMA, the ViT and
+    the base vocabulary frozen, nothing interrupting it: checkpoints 4, 8, 12 and the frozen store."""
+    workdir = tmp_path_factory.mktemp("straight-frozen")
+    ok(workdir, *STEPS, *FREEZE, f"--config.train.init_from={init_from}")
+    return workdir, losses(workdir)
+
+
 # Processes: kill -9, two runs, SIGTERM ---------------------------------------------------------------
 
 
@@ -90,9 +116,16 @@ def test_kill9_during_compile_then_rerun_takes_the_stale_lock_and_is_bit_identic
     assert losses(tmp_path) == uninterrupted
 
 
-def test_second_run_is_refused_then_kill9_of_the_holder_and_a_rerun_resumes_bit_identical(tmp_path, uninterrupted):
+@pytest.mark.parametrize("frozen", [False, True], ids=["all-trainable", "frozen-from-init_from"])
+def test_second_run_is_refused_then_kill9_of_the_holder_and_a_rerun_resumes_bit_identical(tmp_path, request, frozen):
+    # frozen: the checkpoints hold the trainable half only; the rerun restores the frozen half from
+    # the store the first save wrote.
+    extra = [*FREEZE, f"--config.train.init_from={request.getfixturevalue('init_from')}"] if frozen else []
+    uninterrupted = (
+        request.getfixturevalue("uninterrupted_frozen")[1] if frozen else request.getfixturevalue("uninterrupted")
+    )
     # The holder evaluates every other step: the kill lands in a step, an evaluation or a save.
-    holder = cli(tmp_path, *LONG, "--config.train.eval_every=2", "--config.train.eval_steps=2", wait=False)
+    holder = cli(tmp_path, *LONG, *extra, "--config.train.eval_every=2", "--config.train.eval_steps=2", wait=False)
     wait_for(lambda: logged_step(tmp_path) >= 1, "the first run's first step")
     holder.send_signal(signal.SIGSTOP)  # held still while the second run tries, however slowly it starts
     t0 = time.time()
@@ -105,10 +138,11 @@ def test_second_run_is_refused_then_kill9_of_the_holder_and_a_rerun_resumes_bit_
     holder.kill()
     holder.communicate()
     assert logged_step(tmp_path) < 12
-    out = ok(tmp_path, *STEPS)
+    out = ok(tmp_path, *STEPS, *extra)
     assert f"took over the stale workdir lock of host {os.uname().nodename}, pid {holder.pid}" in out
     assert "resumed from checkpoint step" in out
     assert losses(tmp_path) == uninterrupted  # exact float equality, every step
+    assert (fmt.frozen_ref(tmp_path / "checkpoints", 12) is not None) == frozen
 
 
 def test_sigterm_to_the_process_group_with_grain_workers_saves_then_resume_is_bit_identical(tmp_path, uninterrupted):
@@ -249,6 +283,50 @@ def test_torn_checkpoint_is_ignored(tmp_path, two_checkpoints):
     assert [r["step"] for r in recs][-5:] == [5, 6, 7, 8, 9]  # resumed from 4
     assert summary["checkpoints"] == [4, 8, 9]
     assert any(d.startswith("torn-8-") for d in os.listdir(ckpts))
+
+
+# The frozen store ------------------------------------------------------------------------------------
+
+
+def test_checkpoints_of_a_run_from_init_from_hold_no_frozen_weights(uninterrupted_frozen, init_from):
+    workdir, _ = uninterrupted_frozen
+    ckpts = workdir / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["12", "4", "8", "frozen"]  # one store, written once
+    store = ckpts / fmt.FROZEN_DIR
+    frozen_paths = set(fmt._item_metadata(str(store), fmt.FROZEN_STEP))
+    init = dict(fmt.iter_params(init_from, 0, sorted(frozen_paths)))
+    for step in (4, 8, 12):
+        own = set(fmt._item_metadata(str(ckpts), step))
+        assert own and not own & frozen_paths, sorted(own & frozen_paths)[:3]
+        assert own | frozen_paths == set(fmt.params_metadata(init_from, 0))  # between them, every parameter
+        assert fmt.frozen_ref(ckpts, step)["fingerprint"] == integrity.fingerprint(str(store / "0"))
+    for path, value in fmt.iter_params(ckpts, 12, sorted(frozen_paths)):  # through the step's reference
+        np.testing.assert_array_equal(value, init[path], err_msg=str(path))
+
+
+def test_deleted_frozen_store_is_refused_in_one_line_naming_it(tmp_path, uninterrupted_frozen, init_from):
+    shutil.copytree(uninterrupted_frozen[0], tmp_path, dirs_exist_ok=True)
+    store = tmp_path / "checkpoints" / "frozen"
+    shutil.rmtree(store)
+    line = one_line_error(*cli(tmp_path, *STEPS, *FREEZE, f"--config.train.init_from={init_from}"))
+    assert line.startswith(f"train: error: {store}: missing; it holds the frozen weights of "), line
+    assert sorted(d for d in os.listdir(tmp_path / "checkpoints")) == ["12", "4", "8"]  # nothing set aside
+    with pytest.raises(fmt.CheckpointNotFound, match=f"{store}: missing"):
+        idefics_jax.load(tmp_path / "checkpoints")
+    report, newest_ok = checkpointer_lib.verify_report(str(tmp_path))
+    assert not newest_ok and f"UNUSABLE: {store}: missing" in report, report
+
+
+def test_frozen_store_with_other_or_corrupt_content_is_refused_naming_it(tmp_path, uninterrupted_frozen):
+    shutil.copytree(uninterrupted_frozen[0], tmp_path, dirs_exist_ok=True)
+    store = tmp_path / "checkpoints" / "frozen" / "0"
+    flip_bytes(store)
+    with pytest.raises(UserError, match=f"{store} .the frozen weights of .* failed verification: .*sha256"):
+        restorable(tmp_path)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12", "4", "8", "frozen"]  # nothing set aside
+    integrity.write_manifest(str(store))  # now a consistent store, but not the one the steps were saved with
+    with pytest.raises(UserError, match=f"{store}: holds other weights than the frozen weights of .* step 12"):
+        restorable(tmp_path)
 
 
 # Disk full ----------------------------------------------------------------------------------------------

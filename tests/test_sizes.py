@@ -1,4 +1,5 @@
-"""Parameter counts of the 9b / 80b configs equal transformers' for the same config (nothing allocated)."""
+"""Parameter counts of the 9b / 80b configs equal transformers' for the same config, and the bytes
+their checkpoints write (nothing allocated)."""
 
 import numpy as np
 import pytest
@@ -50,3 +51,30 @@ def test_trainable_part_follows_freeze_flags():
         assert got == hf(variant)
         assert got[1] > frozen_default
     assert ours(variants[-1])[1] == total
+
+
+# Bytes of array data per checkpoint (train/checkpointer.py saved_bytes) as the config trains:
+# (every step: fp32 trainable params + AdamW's two fp32 moments + counters, the frozen store written
+# once: the frozen params in train.frozen_dtype). Before the store, every step held both.
+# Also stated in README.md (80b) and docs/training.md ("Checkpoint size").
+CHECKPOINT_BYTES = {"9b": (18_725_975_248, 14_738_363_392), "80b": (168_617_002_480, 131_832_853_504)}
+
+
+@pytest.mark.parametrize("name", ["9b", "80b"])
+def test_checkpoint_bytes_per_step_and_frozen_store(name):
+    from idefics_jax import run_config, sharding
+    from idefics_jax.train import state as state_lib
+    from idefics_jax.train.checkpointer import saved_bytes
+
+    # Global array sizes do not depend on the mesh: lay the state out on this one device.
+    config = load_config(name, "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1")
+    lay = state_lib.layout(run_config.parse(config, files=False), sharding.make_mesh(config.mesh))
+    got = saved_bytes(lay.abstract)
+    step, frozen = CHECKPOINT_BYTES[name]
+    print(
+        f"{name}: {step / 1e9:.1f} GB per step + {frozen / 1e9:.1f} GB once (before: {(step + frozen) / 1e9:.1f} GB per step)"
+    )
+    assert (got["step"], got["frozen"]) == CHECKPOINT_BYTES[name]
+    trainable, total = ours(IdeficsConfig.from_dict(config.model))[::-1]
+    assert got["frozen"] == 2 * (total - trainable)  # bf16 frozen weights
+    assert 0 <= got["step"] - 3 * 4 * trainable < 100  # fp32 params, mu and nu; the rest: int32 counters

@@ -44,6 +44,9 @@ def test_checkpoint_interval_and_keep_policy(tmp_path):
     # Saved at 2, 4, ..., 12; kept: the newest two (10, 12) plus multiples of 4 forever.
     assert summary["checkpoints"] == [4, 8, 10, 12]
     assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [4, 8, 10, 12]
+    # Nothing frozen (the tiny default): no frozen store, every parameter in each step.
+    assert "frozen" not in os.listdir(tmp_path / "checkpoints")
+    assert not os.path.exists(tmp_path / "checkpoints" / "12" / "frozen_ref")
 
 
 def _layout_and_state(config):

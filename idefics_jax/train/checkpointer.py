@@ -16,11 +16,20 @@
   are removed.
 - Before each save, free space is compared with the last checkpoint's size (a warning when it may
   not fit); a save that fails (disk full, I/O error) raises CheckpointSaveError with one line.
+- Frozen parameters are written once per run, into the frozen store `checkpoints/frozen` (at the
+  first save, synchronously, with its own manifest); each step holds only the trainable parameters,
+  the optimizer state and the JSON items, plus a `frozen_ref` naming the store by its fingerprint
+  (format: idefics_jax.ckpt_format). A resumed run keeps using the store its step references. A
+  store no restorable step references (the first save was cut short, or the run resumed from a step
+  that holds its frozen weights itself) is set aside as `frozen-replaced-<time>` and written anew.
+  A step whose store is missing, other or corrupt is refused in one line naming the path — not set
+  aside: every step of the run shares the store, so no older step would do better.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -37,8 +46,9 @@ from flax import nnx
 from idefics_jax import ckpt_format as fmt
 from idefics_jax import integrity
 from idefics_jax.errors import UserError
-from idefics_jax.train.state import Layout, full_params, split_params
+from idefics_jax.train.state import Layout, split_params
 
+# Every step has these; `frozen_ref` too when the run has frozen parameters.
 ITEMS = (fmt.PARAMS, fmt.OPT_STATE, fmt.TRAIN_STATE, fmt.CONFIG)
 _COMPLETE_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")
 
@@ -111,8 +121,11 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self.manager = fmt.manager(self.directory, options, ITEMS)
+        self.manager = fmt.manager(self.directory, options, (*ITEMS, fmt.FROZEN_REF))
         self._pending: list[int] = []  # saved (maybe still in flight), not yet finalised
+        # Fingerprint of the frozen store this run's steps reference: set by a restore of a step that
+        # references one, or by writing it at the first save; None until then.
+        self._frozen: str | None = None
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -138,6 +151,7 @@ class Checkpointer:
             index, count = jax.process_index(), jax.process_count()
             problems = integrity.verify(self.step_dir(step), (index, count))
             if not _any_process(bool(problems)):
+                self._verify_frozen(step)
                 for newer in unverified:
                     self._set_aside(newer, "unverified", "was committed but its manifest was never written", say)
                 if bad or unverified:
@@ -153,6 +167,7 @@ class Checkpointer:
             step = unverified[0]
             integrity.write_manifest(self.step_dir(step), jax.process_index(), jax.process_count())
             _sync("manifest of an unverified step written")
+            self._verify_frozen(step)  # its own files are unverified, but its frozen store has a manifest
             say(
                 f"checkpoint step {step} was committed but its manifest was never written (the run stopped in "
                 "between) and no older step verifies: using it unverified (its manifest is written now)"
@@ -168,6 +183,20 @@ class Checkpointer:
             )
         return None
 
+    def _verify_frozen(self, step: int) -> None:
+        """Raises (on every process) the one-line error of `fmt.frozen_store` when the frozen store of
+        a verified `step` is missing, other or corrupt; the processes split the re-hashing."""
+        error = None
+        try:
+            fmt.frozen_store(self.directory, step, verify=True, shard=(jax.process_index(), jax.process_count()))
+        except UserError as e:
+            error = e
+        if _any_process(error is not None):
+            raise error or fmt.CheckpointCorrupt(
+                f"the frozen store of {self.directory} step {step} failed verification on another process "
+                "(its log names the file)"
+            )
+
     def _set_aside(self, step: int, kind: str, why: str, say: Callable[[str], None]) -> None:
         """Process 0 renames `step` to `<kind>-<step>-<time>` and says why; everyone waits for it."""
         if jax.process_index() == 0:
@@ -179,6 +208,8 @@ class Checkpointer:
         """(train state placed with `lay`'s shardings — any mesh —, train_state JSON) of a verified `step`."""
         params = fmt.restore_params(self.directory, lay.abstract_params(), step, lay.params_shardings(), verify=False)
         trainable, frozen = split_params(lay, params)
+        ref = fmt.frozen_ref(self.directory, step)
+        self._frozen = ref["fingerprint"] if ref is not None else None
         opt_target = [
             jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
             for a, s in zip(jax.tree.leaves(lay.abstract["opt_state"]), jax.tree.leaves(lay.shardings["opt_state"]))
@@ -212,22 +243,53 @@ class Checkpointer:
         self, step: int, state: dict[str, Any], train_state: dict[str, Any], config: ml_collections.ConfigDict
     ) -> None:
         """Starts saving `state` as `step` (returns once the arrays are off the devices); the previous
-        save is finalised first."""
+        save is finalised first. The first save of a run with frozen parameters writes them to the
+        frozen store first (and waits for it); every step then holds only the trainable ones."""
         self.finalize()
-        self._check_space(step, sum(x.nbytes for x in jax.tree.leaves(state)))
-        args = ocp.args.Composite(
-            **{
-                fmt.PARAMS: ocp.args.StandardSave(nnx.to_pure_dict(full_params(state))),
-                fmt.OPT_STATE: ocp.args.StandardSave(jax.tree.leaves(state["opt_state"])),
-                fmt.TRAIN_STATE: ocp.args.JsonSave(train_state),
-                fmt.CONFIG: ocp.args.JsonSave(config.to_dict()),
-            }
-        )
+        sizes = saved_bytes(state)
+        has_frozen = sizes["frozen"] > 0
+        writes_store = has_frozen and self._frozen is None
+        self._check_space(step, sizes["step"], sizes["frozen"] if writes_store else 0)
+        items = {
+            fmt.PARAMS: ocp.args.StandardSave(nnx.to_pure_dict(state["params"])),
+            fmt.OPT_STATE: ocp.args.StandardSave(jax.tree.leaves(state["opt_state"])),
+            fmt.TRAIN_STATE: ocp.args.JsonSave(train_state),
+            fmt.CONFIG: ocp.args.JsonSave(config.to_dict()),
+        }
         try:
-            self.manager.save(step, args=args, force=True)
+            if writes_store:
+                self._frozen = self._write_frozen(state["frozen"])
+            if has_frozen:
+                ref = {"directory": fmt.FROZEN_DIR, "fingerprint": self._frozen}
+                items[fmt.FROZEN_REF] = ocp.args.JsonSave(ref)
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:
             raise self._save_error(step, f"failed ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
         self._pending.append(step)
+
+    def _write_frozen(self, frozen: nnx.State) -> str:
+        """Writes the frozen store (synchronously, then its manifests) and returns its fingerprint. An
+        existing store is one no restorable step references (else `restore` had adopted it): set aside."""
+        root = os.path.join(self.directory, fmt.FROZEN_DIR)
+        if jax.process_index() == 0 and os.path.exists(root):
+            aside = f"{root}-replaced-{int(time.time())}"
+            os.rename(root, aside)
+            log.warning("%s: not referenced by any restorable step; set aside as %s, written anew", root, aside)
+        _sync("old frozen store set aside")
+        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
+        store = fmt.manager(root, options, (fmt.PARAMS,))
+        try:
+            store.save(
+                fmt.FROZEN_STEP,
+                args=ocp.args.Composite(**{fmt.PARAMS: ocp.args.StandardSave(nnx.to_pure_dict(frozen))}),
+            )
+            store.wait_until_finished()
+        finally:
+            store.close()
+        step_dir = os.path.join(root, str(fmt.FROZEN_STEP))
+        integrity.write_manifest(step_dir, jax.process_index(), jax.process_count())
+        _sync("frozen store manifests written")
+        return integrity.fingerprint(step_dir)
 
     def poll(self) -> None:
         """Finalises the saves that have finished in the background (cheap when none has)."""
@@ -264,11 +326,12 @@ class Checkpointer:
         verified = [s for s in self.all_steps() if integrity.has_manifest(self.step_dir(s))]
         return verified[-1] if verified else None
 
-    def _check_space(self, step: int, state_bytes: int) -> None:
-        """Stops before writing when the checkpoint cannot fit (its size: the last checkpoint's, or the
-        state's bytes for the first), and warns when it leaves less than half of that spare."""
+    def _check_space(self, step: int, step_bytes: int, store_bytes: int) -> None:
+        """Stops before writing when the checkpoint cannot fit (its size: the last checkpoint's, or
+        `step_bytes` for the first; plus `store_bytes` when the frozen store is written with it), and
+        warns when it leaves less than half of that spare."""
         last = self._last_verified()
-        need = integrity.size(self.step_dir(last)) if last is not None else state_bytes
+        need = (integrity.size(self.step_dir(last)) if last is not None else step_bytes) + store_bytes
         free = shutil.disk_usage(self.directory).free
         if free < need:
             raise self._save_error(step, f"not enough space: a checkpoint takes {_gb(need)}")
@@ -303,33 +366,57 @@ class Checkpointer:
             self.manager.close()
 
 
+def saved_bytes(state: dict[str, Any]) -> dict[str, int]:
+    """Bytes of array data a checkpoint writes for a train state (arrays, or ShapeDtypeStructs such
+    as `Layout.abstract`): {"step": at every checkpoint — trainable params, optimizer state, counters;
+    "frozen": once per run, into the frozen store}. (Metadata and JSON items add kilobytes.)"""
+    nbytes = lambda tree: sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+    return {"step": nbytes({k: v for k, v in state.items() if k != "frozen"}), "frozen": nbytes(state["frozen"])}
+
+
+def _one_line(problems: list[str]) -> str:
+    return problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
 def verify_report(workdir: str) -> tuple[str, bool]:
     """A table of every step directory under WORKDIR/checkpoints and its state (verified, or what
-    is wrong; set-aside ones by name), and whether the newest step verifies. Reads only."""
+    is wrong; set-aside ones by name; the frozen store as `frozen`), and whether the newest step
+    verifies, with the frozen store it references. Reads only."""
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
         raise UserError(f"{directory}: no checkpoint directory")
     rows, newest_ok = [], None
+    store = os.path.join(directory, fmt.FROZEN_DIR, str(fmt.FROZEN_STEP))
+    store_problems = integrity.verify(store) if os.path.isdir(os.path.dirname(store)) else []
     names = sorted(os.listdir(directory), key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
     for name in names:
         path = os.path.join(directory, name)
         if not os.path.isdir(path):
             continue
+        if name == fmt.FROZEN_DIR:
+            state = (
+                "CORRUPT: " + _one_line(store_problems) if store_problems else "verified (frozen weights, written once)"
+            )
+            rows.append((name, state, _gb(integrity.size(store)) if os.path.isdir(store) else ""))
+            continue
         if not name.isdigit():
-            rows.append((name, "set aside" if name.split("-")[0] in ("torn", "corrupt") else "not a step", ""))
+            aside = name.split("-")[0] in ("torn", "corrupt", "unverified") or name.startswith(f"{fmt.FROZEN_DIR}-")
+            rows.append((name, "set aside" if aside else "not a step", ""))
             continue
         if not _complete(path):
             rows.append((name, "TORN (no commit marker)", ""))
             newest_ok = False
             continue
         problems = integrity.verify(path)
-        state = (
-            "verified"
-            if not problems
-            else f"CORRUPT: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
-        )
+        state = "CORRUPT: " + _one_line(problems) if problems else "verified"
+        if not problems:  # the files are right; is the frozen store it references?
+            try:
+                if fmt.frozen_store(directory, int(name)) is not None and store_problems:
+                    state = f"UNUSABLE: its frozen store failed verification (row '{fmt.FROZEN_DIR}')"
+            except UserError as e:
+                state = f"UNUSABLE: {e}"
         rows.append((name, state, _gb(integrity.size(path))))
-        newest_ok = not problems
+        newest_ok = state == "verified"
     width = max([len(r[0]) for r in rows] + [4])
     lines = [f"{'step'.ljust(width)}  size      state"]
     lines += [f"{r[0].ljust(width)}  {r[2].ljust(8)}  {r[1]}" for r in rows]
