@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -90,8 +91,8 @@ def batch(cfg: IdeficsConfig, b: int, t: int, n: int) -> dict[str, np.ndarray]:
     )
 
 
-def time_ours(cfg: IdeficsConfig, data: dict, steps: int) -> tuple[float, float, dict]:
-    """(seconds per step, first loss, params as HF tensors) of our jitted train step."""
+def setup_ours(cfg: IdeficsConfig, data: dict) -> tuple[Callable, dict, dict, dict]:
+    """(jitted train step, initial state, the batch on device, params as HF tensors) for `data`."""
     b, t = data["input_ids"].shape
     c = common.base(cfg)
     c.mesh.fsdp = 1
@@ -109,14 +110,23 @@ def time_ours(cfg: IdeficsConfig, data: dict, steps: int) -> tuple[float, float,
         for name, t in hf.iter_hf(e, np.asarray(dict(_flat(state_lib.full_params(state)))[e.path]))
     }
     step = make_train_step(lay, 0.0, 1, 1)
-    x = {k: jnp.asarray(v) for k, v in data.items()}
-    one, inf = jnp.float32(1.0), jnp.float32(np.inf)
-    state, m = step(state, x, inf, one)  # compile
+    return step, state, {k: jnp.asarray(v) for k, v in data.items()}, weights
+
+
+def step_args(state: dict, x: dict) -> tuple:
+    """The train step's arguments for one plain update (no spike threshold, loss scale 1)."""
+    return state, x, jnp.float32(np.inf), jnp.float32(1.0)
+
+
+def time_ours(cfg: IdeficsConfig, data: dict, steps: int) -> tuple[float, float, dict]:
+    """(seconds per step, first loss, params as HF tensors) of our jitted train step."""
+    step, state, x, weights = setup_ours(cfg, data)
+    state, m = step(*step_args(state, x))  # compile
     first = float(m["loss"])
     jax.block_until_ready(state)
     start = time.perf_counter()
     for _ in range(steps):
-        state, m = step(state, x, inf, one)
+        state, m = step(*step_args(state, x))
     jax.block_until_ready(state)
     return (time.perf_counter() - start) / steps, first, weights
 

@@ -67,20 +67,24 @@ def make_train_step(lay: Layout, z_loss: float, micro_batches: int, num_datasets
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
         def accumulate(carry, mb):
-            g_acc, ce_acc, z_acc, ds_loss, ds_tok = carry
+            g_acc, ce_acc, z_acc, ds_loss, ds_tok = carry  # g_acc None: the first (only) micro-batch
             (_, (ce, z, w, ds)), g = grad_fn(params, mb)
             onehot = jax.nn.one_hot(ds, num_datasets, dtype=jnp.float32)
             return (
-                jax.tree.map(jnp.add, g_acc, g),
+                g if g_acc is None else jax.tree.map(jnp.add, g_acc, g),
                 ce_acc + ce.sum(),
                 z_acc + z.sum(),
                 ds_loss + onehot.T @ ce,
                 ds_tok + onehot.T @ w,
             ), None
 
-        zero = jax.tree.map(jnp.zeros_like, params)
-        init = (zero, jnp.float32(0), jnp.float32(0), jnp.zeros(num_datasets), jnp.zeros(num_datasets))
-        (grads, ce_sum, z_sum, ds_loss, ds_tok), _ = jax.lax.scan(accumulate, init, _micro(batch, micro_batches))
+        sums = (jnp.float32(0), jnp.float32(0), jnp.zeros(num_datasets), jnp.zeros(num_datasets))
+        if micro_batches == 1:
+            # One micro-batch: no loop, and no parameter-sized zeros to add to (0 + g is g exactly).
+            (grads, ce_sum, z_sum, ds_loss, ds_tok), _ = accumulate((None, *sums), batch)
+        else:
+            init = (jax.tree.map(jnp.zeros_like, params), *sums)
+            (grads, ce_sum, z_sum, ds_loss, ds_tok), _ = jax.lax.scan(accumulate, init, _micro(batch, micro_batches))
         loss = ce_sum / total * loss_scale
         grad_norm = optax.tree.norm(grads)
         nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
