@@ -147,7 +147,7 @@ def main():
     args = ap.parse_args()
     cfg = bench.model_config(args.hidden, args.layers)
     data = bench.batch(cfg, args.batch, args.seq, args.images)
-    step, state, x, _ = bench.setup_ours(cfg, data)
+    step, _, state, x, _ = bench.setup_ours(cfg, data)
     instrs, comps, frame_fn = parse_hlo(step.lower(*bench.step_args(state, x)).compile().as_text())
     state, _ = step(*bench.step_args(state, x))
     jax.block_until_ready(state)
