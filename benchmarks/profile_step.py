@@ -58,11 +58,11 @@ MOVES = {
     "copy-done",
 }
 SCAN_OPS = {"dynamic-slice", "dynamic-update-slice", "while", "conditional", "call"}
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (?:\([^=]*?\)|\S+) ([a-z][\w\-]*)\((.*)$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\([^=]*?\)|\S+) ([a-z][\w\-]*)\((.*)$")
 
 
 def parse_hlo(text: str) -> tuple[dict, dict, dict]:
-    """Optimised HLO text → (instruction name → (opcode, called computations, stack frame id),
+    """Optimised HLO text → (instruction name → (opcode, called computations, stack frame id, shape),
     computation name → [instruction names], frame id → innermost function name)."""
     instrs, comps, current = {}, collections.defaultdict(list), None
     functions, locations, frames = {}, {}, {}
@@ -89,21 +89,28 @@ def parse_hlo(text: str) -> tuple[dict, dict, dict]:
             continue
         m = _INSTR.match(line)
         if m and current:
-            name, opcode, rest = m.groups()
+            name, shape, opcode, rest = m.groups()
             called = re.findall(r"(?:calls|body|condition|to_apply|branch_computations)=\{?%?([\w.\-]+)", rest)
             frame = re.search(r"stack_frame_id=(\d+)", rest)
-            instrs[name] = (opcode, called, frame.group(1) if frame else None)
+            instrs[name] = (opcode, called, frame.group(1) if frame else None, shape.split("{")[0])
             comps[current].append(name)
     frame_fn = {f: functions.get(locations.get(loc, (None,))[0], "") for f, loc in frames.items()}
     return instrs, comps, frame_fn
 
 
+def functions(name: str, instrs: dict, comps: dict, frame_fn: dict) -> set[str]:
+    """The Python functions that the op `name` (and, for a fusion, what it fuses) was traced from."""
+    opcode, called, frame, _ = instrs.get(name, ("?", [], None, ""))
+    inner = [instrs[i] for c in called for i in comps.get(c, [])] if opcode == "fusion" else []
+    return {frame_fn.get(f, "") for f in [frame] + [x[2] for x in inner] if f}
+
+
 def categorise(name: str, instrs: dict, comps: dict, frame_fn: dict) -> str:
     """The category (see the module docstring) of the executed op `name`."""
-    opcode, called, frame = instrs.get(name, ("?", [], None))
+    opcode, called, _, _ = instrs.get(name, ("?", [], None, ""))
     inner = [instrs[i] for c in called for i in comps.get(c, [])] if opcode == "fusion" else []
-    fns = {frame_fn.get(f, "") for _, _, f in [(opcode, called, frame), *inner] if f}
-    ops = {op for op, _, _ in inner} or {opcode}
+    fns = functions(name, instrs, comps, frame_fn)
+    ops = {x[0] for x in inner} or {opcode}
     if fns & {"attention", "_attention_xla", "_blockwise", "_blockwise_fwd", "_blockwise_bwd", "_block_scores"}:
         return "attention"
     if fns & {"_logits", "loss_sums", "_nll", "logits"}:
@@ -180,7 +187,8 @@ def main():
         print(f"| {cat} | {ms:.0f} | {ms / total:.0%} |")
     print(f"\ntop {args.top} ops:")
     for name, ms in by_op.most_common(args.top):
-        print(f"  {ms:8.1f} ms  {categorise(name, instrs, comps, frame_fn):16s} {name} ({instrs[name][0]})")
+        cat, fns = categorise(name, instrs, comps, frame_fn), ",".join(sorted(functions(name, instrs, comps, frame_fn)))
+        print(f"  {ms:8.1f} ms  {cat:16s} {name} {instrs[name][3]} from {fns or '?'}")
 
 
 if __name__ == "__main__":

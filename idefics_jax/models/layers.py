@@ -202,7 +202,8 @@ def attention(
 
     `mask` says which keys each query sees (None: all). Scores and softmax run in float32. `impl`
     (IdeficsConfig.attention) chooses the kernel; all give the same numbers up to rounding:
-      xla        dense [B, N, T, S] scores in one pass; custom VJP that reuses the saved probabilities
+      xla        dense [B, N, T, S] scores in one pass; the custom VJP saves the log-sum-exp and
+                 recomputes the probabilities (one extra q·kᵀ; no [B, N, T, S] residual)
       blockwise  flash-style: keys in blocks of BLOCK with an online softmax; the custom VJP
                  recomputes each block's probabilities from the saved log-sum-exp (memory O(T), not O(T·S))
       cudnn      `jax.nn.dot_product_attention(implementation="cudnn")` where cuDNN can express the
@@ -260,28 +261,36 @@ def _finite(m: jax.Array) -> jax.Array:
 
 
 def _dense_probs(q, k, mask, scale):
+    """(float32 probabilities [B, N, T, S], log-sum-exp [B, N, T, 1]: +inf on rows that see no key)."""
     s = _scores(q, k, mask.allowed(), scale)
-    e = jnp.exp(s - _finite(s.max(-1, keepdims=True)))
+    m = _finite(s.max(-1, keepdims=True))
+    e = jnp.exp(s - m)
     total = e.sum(-1, keepdims=True)
-    return e / jnp.where(total > 0, total, 1.0)
+    seen = total > 0
+    safe = jnp.where(seen, total, 1.0)
+    return e / safe, jnp.where(seen, m + jnp.log(safe), jnp.inf)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _dense(q, k, v, mask, scale):
     """Dense attention on [B, N, T, H] operands; the probabilities normalised before the weighted
     sum, as the reference does."""
-    return jnp.einsum("bnts,bnsh->bnth", _dense_probs(q, k, mask, scale).astype(v.dtype), v)
+    return _dense_fwd(q, k, v, mask, scale)[0]
 
 
 def _dense_fwd(q, k, v, mask, scale):
-    p = _dense_probs(q, k, mask, scale).astype(v.dtype)
-    out = jnp.einsum("bnts,bnsh->bnth", p, v)
-    return out, (q, k, v, mask, p, out)
+    p, lse = _dense_probs(q, k, mask, scale)
+    out = jnp.einsum("bnts,bnsh->bnth", p.astype(v.dtype), v)
+    # Saving lse [B, N, T, 1], not p [B, N, T, S]: recomputing p costs one q·kᵀ matmul in the
+    # backward, less on CPU than writing p out and reading it back (and, under scan, than stacking
+    # it for every layer).
+    return out, (q, k, v, mask, out, lse)
 
 
 def _dense_bwd(scale, res, d_out):
-    q, k, v, mask, p, out = res
-    dq, dk, dv = _block_grads(q, k, v, p.astype(jnp.float32), _row_dot(d_out, out), d_out, scale)
+    q, k, v, mask, out, lse = res
+    p = jnp.exp(_scores(q, k, mask.allowed(), scale) - lse)
+    dq, dk, dv = _block_grads(q, k, v, p, _row_dot(d_out, out), d_out, scale)
     return dq, dk, dv, _no_grad(mask)
 
 
