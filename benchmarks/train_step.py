@@ -5,7 +5,8 @@
 Same model config, same batch, same freezing (the published flags: vision tower, LLaMA layers and
 base vocabulary frozen), fp32 on this CPU, one process. Each side: AdamW (weight decay 0.1),
 global-norm clipping at 1.0, masked next-token cross-entropy (z-loss off: HF has none). Prints
-tokens/s of each and their ratio, and our achieved FLOP/s (model FLOPs, train/metrics.py) against
+tokens/s of each and their ratio, the forward pass alone (ours jitted vs HF's eager
+`torch.no_grad()` in eval mode, same batch), and our achieved FLOP/s (model FLOPs, train/metrics.py) against
 the fp32 matmul FLOP/s measured in the same process. Prints only; nothing is asserted.
 """
 
@@ -14,19 +15,21 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import torch
+from flax import nnx
 from transformers import IdeficsConfig as HFConfig
 from transformers import IdeficsForVisionText2Text
 
 from configs import common
 from idefics_jax import hf, run_config, sharding
 from idefics_jax.config import IdeficsConfig, PerceiverConfig, VisionConfig
-from idefics_jax.data.schema import check_batch
+from idefics_jax.data.schema import MODEL_INPUTS, check_batch
 from idefics_jax.train import state as state_lib
 from idefics_jax.train.metrics import model_flops_per_step
 from idefics_jax.train.step import make_train_step
@@ -90,8 +93,9 @@ def batch(cfg: IdeficsConfig, b: int, t: int, n: int) -> dict[str, np.ndarray]:
     )
 
 
-def time_ours(cfg: IdeficsConfig, data: dict, steps: int) -> tuple[float, float, dict]:
-    """(seconds per step, first loss, params as HF tensors) of our jitted train step."""
+def setup_ours(cfg: IdeficsConfig, data: dict) -> tuple[Callable, Callable, dict, dict, dict]:
+    """(jitted train step, jitted forward `(state, batch) -> float32 logits [B, T, V]`, initial state,
+    the batch on device, params as HF tensors) for `data`."""
     b, t = data["input_ids"].shape
     c = common.base(cfg)
     c.mesh.fsdp = 1
@@ -109,26 +113,41 @@ def time_ours(cfg: IdeficsConfig, data: dict, steps: int) -> tuple[float, float,
         for name, t in hf.iter_hf(e, np.asarray(dict(_flat(state_lib.full_params(state)))[e.path]))
     }
     step = make_train_step(lay, 0.0, 1, 1)
-    x = {k: jnp.asarray(v) for k, v in data.items()}
-    one, inf = jnp.float32(1.0), jnp.float32(np.inf)
-    state, m = step(state, x, inf, one)  # compile
+    forward = jax.jit(lambda s, x: nnx.merge(lay.graphdef, s["params"], s["frozen"])(**{k: x[k] for k in MODEL_INPUTS}))
+    return step, forward, state, {k: jnp.asarray(v) for k, v in data.items()}, weights
+
+
+def step_args(state: dict, x: dict) -> tuple:
+    """The train step's arguments for one plain update (no spike threshold, loss scale 1)."""
+    return state, x, jnp.float32(np.inf), jnp.float32(1.0)
+
+
+def time_ours(cfg: IdeficsConfig, data: dict, steps: int) -> tuple[float, float, float, dict]:
+    """(seconds per train step, seconds per forward, first loss, params as HF tensors), jitted."""
+    step, forward, state, x, weights = setup_ours(cfg, data)
+    state, m = step(*step_args(state, x))  # compile
     first = float(m["loss"])
     jax.block_until_ready(state)
     start = time.perf_counter()
     for _ in range(steps):
-        state, m = step(state, x, inf, one)
+        state, m = step(*step_args(state, x))
     jax.block_until_ready(state)
-    return (time.perf_counter() - start) / steps, first, weights
+    train = (time.perf_counter() - start) / steps
+    jax.block_until_ready(forward(state, x))  # compile
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = forward(state, x)
+    jax.block_until_ready(logits)
+    return train, (time.perf_counter() - start) / steps, first, weights
 
 
 def _flat(params):
-    from flax import nnx
-
     return [(tuple(str(k) for k in p), v.get_value()) for p, v in nnx.to_flat_state(params)]
 
 
-def time_hf(cfg: IdeficsConfig, data: dict, steps: int, weights: dict) -> tuple[float, float]:
-    """(seconds per step, first loss) of HF's model with torch AdamW, from the same weights."""
+def time_hf(cfg: IdeficsConfig, data: dict, steps: int, weights: dict) -> tuple[float, float, float]:
+    """(seconds per train step, seconds per `torch.no_grad()` eval-mode forward, first loss) of HF's
+    model with torch AdamW, from the same weights, eager."""
     model = IdeficsForVisionText2Text(HFConfig(**cfg.to_hf()))
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=True)
     model.train()
@@ -161,7 +180,14 @@ def time_hf(cfg: IdeficsConfig, data: dict, steps: int, weights: dict) -> tuple[
     start = time.perf_counter()
     for _ in range(steps):
         one_step()
-    return (time.perf_counter() - start) / steps, first
+    train = (time.perf_counter() - start) / steps
+    model.eval()
+    with torch.no_grad():
+        model(**x, use_cache=False)
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(**x, use_cache=False)
+    return train, (time.perf_counter() - start) / steps, first
 
 
 def matmul_flops(n: int = 1024, reps: int = 20) -> float:
@@ -189,8 +215,8 @@ def main():
     cfg = model_config(args.hidden, args.layers)
     data = batch(cfg, args.batch, args.seq, args.images)
     tokens = args.batch * args.seq
-    ours, our_loss, weights = time_ours(cfg, data, args.steps)
-    theirs, hf_loss = time_hf(cfg, data, args.steps, weights)
+    ours, ours_fwd, our_loss, weights = time_ours(cfg, data, args.steps)
+    theirs, theirs_fwd, hf_loss = time_hf(cfg, data, args.steps, weights)
     flops = model_flops_per_step(cfg, args.batch, args.seq, args.images)
     peak = matmul_flops()
     print(
@@ -202,6 +228,9 @@ def main():
     print(f"idefics_jax step: {ours * 1e3:8.1f} ms  {tokens / ours:9.0f} tokens/s")
     print(f"HF + torch AdamW: {theirs * 1e3:8.1f} ms  {tokens / theirs:9.0f} tokens/s")
     print(f"speed-up (ours / HF tokens/s): {theirs / ours:.2f}x")
+    print(
+        f"forward only: ours {ours_fwd * 1e3:.1f} ms, HF no_grad {theirs_fwd * 1e3:.1f} ms: {theirs_fwd / ours_fwd:.2f}x"
+    )
     print(
         f"our achieved {flops / ours / 1e9:.1f} GFLOP/s of model FLOPs = {flops / ours / peak:.0%} of the "
         f"{peak / 1e9:.1f} GFLOP/s fp32 matmul peak measured here"

@@ -1,7 +1,7 @@
 """Model configuration: frozen dataclasses that mirror transformers' `IdeficsConfig`.
 
-Every field that changes the function computed by `IdeficsForVisionText2Text` is here, plus three
-fields of our own that change only how it is computed (`dtype`, `param_dtype`, `remat`). `from_hf`
+Every field that changes the function computed by `IdeficsForVisionText2Text` is here, plus four
+fields of our own that change only how it is computed (`dtype`, `param_dtype`, `remat`, `attention`). `from_hf`
 and `to_hf` round-trip with HF's `config.json` layout (nested `vision_config` / `perceiver_config`).
 """
 
@@ -18,6 +18,10 @@ ALPHA_TYPES = ("float", "vector")
 ALPHA_INITIALIZERS = ("zeros", "ones", "normal", "gaussian", "random")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
+# Attention kernels (models/layers.py `attention`); all compute the same function.
+ATTENTION_IMPLS = ("xla", "blockwise", "cudnn")
+# Our fields: how the function is computed, not which function (not in HF's config.json).
+OWN_FIELDS = ("dtype", "param_dtype", "remat", "attention")
 # HF's freeze_model() maps these module-class names to torch module types.
 FREEZE_EXCEPTIONS = ("LayerNorm", "Linear", "Embedding")
 
@@ -105,7 +109,9 @@ class IdeficsConfig:
 
     Our own fields: `dtype` is the matmul compute dtype (softmax and norms always run in fp32),
     `param_dtype` the storage dtype of parameters, `remat` the rematerialisation policy applied once
-    per scanned layer (see `REMAT_POLICIES`).
+    per scanned layer (see `REMAT_POLICIES`), `attention` the attention kernel (`ATTENTION_IMPLS`:
+    'xla' dense, 'blockwise' flash-style, 'cudnn' fused on GPU with a logged fallback to 'xla'; see
+    `models.layers.attention`).
     """
 
     vocab_size: int = 32000
@@ -139,6 +145,7 @@ class IdeficsConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "xla"
 
     def __post_init__(self):
         for name in (
@@ -198,6 +205,7 @@ class IdeficsConfig:
         for name in ("dtype", "param_dtype"):
             _check(getattr(self, name) in DTYPES, name, getattr(self, name), f"one of {DTYPES}")
         _check(self.remat in REMAT_POLICIES, "remat", self.remat, f"one of {REMAT_POLICIES}")
+        _check(self.attention in ATTENTION_IMPLS, "attention", self.attention, f"one of {ATTENTION_IMPLS}")
         _check(isinstance(self.vision, VisionConfig), "vision", type(self.vision).__name__, "a VisionConfig")
         _check(
             isinstance(self.perceiver, PerceiverConfig), "perceiver", type(self.perceiver).__name__, "a PerceiverConfig"
@@ -232,7 +240,7 @@ class IdeficsConfig:
     def from_hf(cls, source: Mapping[str, Any] | str | os.PathLike | Any, **overrides) -> IdeficsConfig:
         """Builds a config from an HF `IdeficsConfig`, its dict, a config.json path or its directory.
 
-        `overrides` set our own fields (dtype, param_dtype, remat) or any other field.
+        `overrides` set our own fields (dtype, param_dtype, remat, attention) or any other field.
         """
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
@@ -265,7 +273,7 @@ class IdeficsConfig:
         if isinstance(eos, (list, tuple)):
             eos = eos[0]
         # HF's "dtype" is the storage dtype of its weights, not our compute dtype.
-        kw = {k: v for k, v in _known(cls, d).items() if k not in ("dtype", "param_dtype", "remat")}
+        kw = {k: v for k, v in _known(cls, d).items() if k not in OWN_FIELDS}
         kw.update(
             rope_theta=float(theta),
             eos_token_id=eos,
@@ -282,7 +290,7 @@ class IdeficsConfig:
         d = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("vision", "perceiver", "dtype", "param_dtype", "remat", "rope_theta")
+            if f.name not in ("vision", "perceiver", "rope_theta", *OWN_FIELDS)
         }
         d["freeze_text_module_exceptions"] = list(self.freeze_text_module_exceptions)
         d["freeze_vision_module_exceptions"] = list(self.freeze_vision_module_exceptions)

@@ -22,7 +22,7 @@ from flax import nnx
 
 from idefics_jax import sharding
 from idefics_jax.models import layers as L
-from idefics_jax.models.idefics import Idefics
+from idefics_jax.models.idefics import Idefics, image_mask_of
 from idefics_jax.models.vision import HIDDEN
 
 # Logical axes of the caches: rows over the batch axes and heads over 'tensor', as the activations
@@ -83,21 +83,30 @@ def forward(
     start: jax.Array | int,
     key_valid: jax.Array,
     cache: Cache,
-    image_mask: jax.Array | None,
-    image_live: jax.Array | None,
+    image_mask: L.Mask | jax.Array | None,
+    image_live: jax.Array | None = None,
 ) -> tuple[jax.Array, Cache]:
     """Runs `C` new tokens per row through the decoder against the cache, writing their keys/values.
 
     ids int [B, C] in slots start .. start+C-1; pos int [B, C] their rotary positions; key_valid bool
-    [B, L]; image_mask bool [B, 1, C, N*S] and image_live bool [B, C] (tokens that see some image),
-    or None with the cache's xk/xv. Returns float32 logits of the last of the C tokens [B, V + A] and
+    [B, L]; image_mask which images each of the C tokens sees: a `models.idefics.image_mask_of`
+    mask, or transformers' per-key layout bool [B, 1, C, N*S] with image_live bool [B, C] (tokens
+    that see some image; None: all that the mask lets see one), read as the image index it repeats;
+    None without images (then the cache has no xk/xv). Returns float32 logits of the last of the C tokens [B, V + A] and
     the cache with the new slots filled. Prefill is C = T at start 0, a decode step C = 1.
     """
     cfg = model.config
     c, length = ids.shape[1], key_valid.shape[1]
-    query_slot = start + jnp.arange(c)
-    mask = (key_valid[:, None, :] & (jnp.arange(length)[None, None, :] <= query_slot[None, :, None]))[:, None]
-    live = mask.any(-1)[:, 0]
+    b = ids.shape[0]
+    query_slot = jnp.broadcast_to(start + jnp.arange(c, dtype=jnp.int32), (b, c))
+    key_slot = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    mask = L.Mask(kv_valid=key_valid, q_pos=query_slot, kv_pos=key_slot)
+    if image_mask is not None and not isinstance(image_mask, L.Mask):
+        per_image = cfg.image_seq_len
+        q_images = jnp.asarray(image_mask, bool)[:, 0, :, ::per_image]  # one key per image
+        if image_live is not None:
+            q_images = q_images & jnp.asarray(image_live, bool)[:, :, None]
+        image_mask = image_mask_of(q_images, per_image)
     cos, sin = L.rotary(pos, cfg.head_dim, cfg.rope_theta)
     h = sharding.constrain(model.embed_tokens(ids), HIDDEN)
     block_def, block_state = nnx.split(model.blocks)
@@ -107,7 +116,7 @@ def forward(
         state, k_cache, v_cache = xs[:3]
         blk = nnx.merge(block_def, state)
         kv = xs[3:] if cross else None
-        h = blk.gated_cross_attn_layer.with_keys_values(h, kv, image_mask, image_live)
+        h = blk.gated_cross_attn_layer.with_keys_values(h, kv, image_mask)
         layer_def, layer_state = nnx.split(blk.layers)
 
         def layer(h, ys):
@@ -116,7 +125,7 @@ def forward(
             q, k, v = lyr.self_attn.project(lyr.input_layernorm(h), cos, sin)
             keys = jax.lax.dynamic_update_slice_in_dim(k_slots, k, start, axis=1)
             values = jax.lax.dynamic_update_slice_in_dim(v_slots, v, start, axis=1)
-            h = h + lyr.self_attn.attend(q, keys, values, mask, live)
+            h = h + lyr.self_attn.attend(q, keys, values, mask)
             return lyr.feed_forward(h), (k, v)
 
         h, new = jax.lax.scan(layer, h, (layer_state, k_cache, v_cache))

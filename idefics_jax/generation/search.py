@@ -33,7 +33,7 @@ from flax import nnx
 
 from idefics_jax.errors import UserError
 from idefics_jax.generation import decode
-from idefics_jax.models.idefics import Idefics
+from idefics_jax.models.idefics import Idefics, image_mask_of
 
 NEG = -1.0e9  # transformers' "impossible" beam score
 
@@ -273,23 +273,22 @@ def _run(graphdef, opts: Options, state, ids, am, pixels, iam, key, warp) -> jax
     ids, am = rows(ids), rows(am)
     pos = decode.positions(am, length)
     key_valid = jnp.concatenate([am, jnp.ones((am.shape[0], m), bool)], axis=1)
-    cross = prompt_mask = prompt_live = step_mask = step_live = None
+    cross = prompt_mask = step_mask = None
     if pixels is not None:
         states = model.image_states(pixels)
         per_image = states.shape[1] // pixels.shape[1]
         cross = tuple(x if nb == 1 else jnp.repeat(x, nb, axis=1) for x in decode.cross_keys_values(model, states))
         iam = rows(iam)
-        prompt_mask, prompt_live = jnp.repeat(iam, per_image, axis=-1)[:, None], iam.any(-1)
-        last = iam[:, -1:]  # new tokens see what the last prompt token sees
-        step_mask, step_live = jnp.repeat(last, per_image, axis=-1)[:, None], last.any(-1)
+        prompt_mask = image_mask_of(iam, per_image)
+        step_mask = image_mask_of(iam[:, -1:], per_image)  # new tokens see what the last prompt token sees
     cache = decode.empty_cache(model, ids.shape[0], length, cross)
-    logits, cache = decode.forward(model, ids, pos[:, :t], 0, key_valid, cache, prompt_mask, prompt_live)
+    logits, cache = decode.forward(model, ids, pos[:, :t], 0, key_valid, cache, prompt_mask)
 
     def step(cache, seqs, slot):
         """Feeds seqs[:, slot] (slot = the last filled one) → logits for slot + 1, cache."""
         token = jax.lax.dynamic_slice_in_dim(seqs, slot, 1, axis=1)
         p = jax.lax.dynamic_slice_in_dim(pos, slot, 1, axis=1)
-        return decode.forward(model, token, p, slot, key_valid, cache, step_mask, step_live)
+        return decode.forward(model, token, p, slot, key_valid, cache, step_mask)
 
     seqs = jnp.full((ids.shape[0], length), opts.fill, jnp.int32).at[:, :t].set(ids)
     search = _beam_search if nb > 1 else _greedy_or_sample

@@ -43,6 +43,7 @@ class CrossAttention(nnx.Module):
         else:
             self.q_layer_norm = self.k_layer_norm = None
         self.num_heads = config.num_attention_heads
+        self.impl = config.attention
 
     def keys_values(self, image_states: jax.Array) -> tuple[jax.Array, jax.Array]:
         """image_states [B, N*S, E] → keys (normed when qk_layer_norms), values [B, N*S, heads, head_dim].
@@ -55,19 +56,18 @@ class CrossAttention(nnx.Module):
             k = self.k_layer_norm(k)
         return k, v
 
-    def attend(self, x: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, live: jax.Array) -> jax.Array:
-        """x [B, T, D] over `keys_values` k, v [B, N*S, heads, head_dim]; mask bool [B, 1, T, N*S],
-        live bool [B, T] (tokens that see some image) → [B, T, D]; tokens that see no image give
-        exactly zero."""
+    def attend(self, x: jax.Array, k: jax.Array, v: jax.Array, mask: L.Mask) -> jax.Array:
+        """x [B, T, D] over `keys_values` k, v [B, N*S, heads, head_dim]; `mask` which images each
+        token sees (`image_mask`) → [B, T, D]; tokens that see no image give exactly zero."""
         q = L.split_heads(checkpoint_name(self.q_proj(x), "qkv"), self.num_heads)
         if self.q_layer_norm is not None:
             q = self.q_layer_norm(q)
-        out = checkpoint_name(L.attention(q, k, v, mask, q.shape[-1] ** -0.5, live), "attn_out")
+        out = checkpoint_name(L.attention(q, k, v, mask, q.shape[-1] ** -0.5, self.impl), "attn_out")
         return self.o_proj(out)
 
-    def __call__(self, x: jax.Array, image_states: jax.Array, mask: jax.Array, live: jax.Array) -> jax.Array:
-        """x [B, T, D], image_states [B, N*S, E], mask bool [B, 1, T, N*S], live bool [B, T] → [B, T, D]."""
-        return self.attend(x, *self.keys_values(image_states), mask, live)
+    def __call__(self, x: jax.Array, image_states: jax.Array, mask: L.Mask) -> jax.Array:
+        """x [B, T, D], image_states [B, N*S, E], `mask` (`image_mask`) → [B, T, D]."""
+        return self.attend(x, *self.keys_values(image_states), mask)
 
 
 class GatedCrossAttentionLayer(nnx.Module):
@@ -92,22 +92,18 @@ class GatedCrossAttentionLayer(nnx.Module):
         self.alpha_cross_attn = L.param(rngs, init, shape, axes, L.dtype_of(pdt))
         self.alpha_dense = L.param(rngs, init, shape, axes, L.dtype_of(pdt))
 
-    def __call__(
-        self, h: jax.Array, image_states: jax.Array | None, mask: jax.Array | None, live: jax.Array | None
-    ) -> jax.Array:
-        """h [B, T, D]; image_states [B, N*S, E], mask bool [B, 1, T, N*S] and live bool [B, T], or all
-        None (text only, where the attention contributes nothing) → [B, T, D]."""
+    def __call__(self, h: jax.Array, image_states: jax.Array | None, mask: L.Mask | None) -> jax.Array:
+        """h [B, T, D]; image_states [B, N*S, E] and `mask` (`image_mask`), or both None (text only,
+        where the attention contributes nothing) → [B, T, D]."""
         kv = None if image_states is None else self.cross_attn.keys_values(image_states)
-        return self.with_keys_values(h, kv, mask, live)
+        return self.with_keys_values(h, kv, mask)
 
-    def with_keys_values(
-        self, h: jax.Array, kv: tuple[jax.Array, jax.Array] | None, mask: jax.Array | None, live: jax.Array | None
-    ) -> jax.Array:
+    def with_keys_values(self, h: jax.Array, kv: tuple[jax.Array, jax.Array] | None, mask: L.Mask | None) -> jax.Array:
         """The layer given the cross-attention's `keys_values` (k, v [B, N*S, heads, head_dim]) instead
         of the image states, or None (text only); other shapes as `__call__`. Generation calls it
         with the keys/values it computed at prefill."""
         if kv is not None:
-            attn = self.cross_attn.attend(self.input_layernorm(h), *kv, mask, live)
+            attn = self.cross_attn.attend(self.input_layernorm(h), *kv, mask)
             h = h + self._gate(self.alpha_cross_attn, h.dtype) * attn
         return h + self._gate(self.alpha_dense, h.dtype) * self.mlp(self.post_attention_layernorm(h))
 

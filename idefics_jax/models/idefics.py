@@ -80,18 +80,16 @@ def _logits(h: jax.Array, w: jax.Array, extra: jax.Array | None, dtype) -> jax.A
 class Context(NamedTuple):
     """What every block reads besides the hidden state, computed once per forward.
 
-    cos, sin float32 [B, T, head_dim] (RoPE); mask bool [B, 1, T, T] (causal ∧ padding ∧ segments);
-    live bool [B, T] (rows of `mask` not all False); image_states [B, N*S, E], image_mask bool
-    [B, 1, T, N*S] and image_live bool [B, T] (tokens that see some image), or None without images.
+    cos, sin float32 [B, T, head_dim] (RoPE); mask: the self-attention's (causal ∧ padding ∧
+    segments, by structure); image_states [B, N*S, E] and image_mask (which images each token sees),
+    or None without images.
     """
 
     cos: jax.Array
     sin: jax.Array
-    mask: jax.Array
-    live: jax.Array
+    mask: L.Mask
     image_states: jax.Array | None
-    image_mask: jax.Array | None
-    image_live: jax.Array | None
+    image_mask: L.Mask | None
 
 
 class Block(nnx.Module):
@@ -104,10 +102,8 @@ class Block(nnx.Module):
 
     def __call__(self, h: jax.Array, ctx: Context) -> jax.Array:
         """h [B, T, D] → [B, T, D]."""
-        h = L.checkpoint(
-            lambda x: self.gated_cross_attn_layer(x, ctx.image_states, ctx.image_mask, ctx.image_live), self.remat
-        )(h)
-        h = L.scan(self.layers, lambda layer, x: layer(x, ctx.cos, ctx.sin, ctx.mask, ctx.live), h, self.remat)
+        h = L.checkpoint(lambda x: self.gated_cross_attn_layer(x, ctx.image_states, ctx.image_mask), self.remat)(h)
+        h = L.scan(self.layers, lambda layer, x: layer(x, ctx.cos, ctx.sin, ctx.mask), h, self.remat)
         return sharding.constrain(h, HIDDEN)
 
 
@@ -160,23 +156,22 @@ class Idefics(nnx.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids has shape {input_ids.shape}; expected [batch, seq_len]")
         b, t = input_ids.shape
-        attention_mask = (
-            jnp.ones((b, t), bool)
-            if attention_mask is None
-            else _check_shape(attention_mask, (b, t), "attention_mask").astype(bool)
-        )
+        if attention_mask is not None:
+            attention_mask = _check_shape(attention_mask, (b, t), "attention_mask").astype(bool)
         if position_ids is None:
-            position_ids = jnp.where(attention_mask, jnp.cumsum(attention_mask, axis=-1) - 1, 1)
+            position_ids = (
+                jnp.broadcast_to(jnp.arange(t), (b, t))
+                if attention_mask is None
+                else jnp.where(attention_mask, jnp.cumsum(attention_mask, axis=-1) - 1, 1)
+            )
         else:
             position_ids = _check_shape(position_ids, (b, t), "position_ids")
+        seg = None if segment_ids is None else _check_shape(segment_ids, (b, t), "segment_ids")
+        # Causal over the slots (not position_ids, which restart in packed segments).
+        slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        mask = L.Mask(kv_valid=attention_mask, q_pos=slots, kv_pos=slots, q_seg=seg, kv_seg=seg)
 
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask = causal[None, None] & attention_mask[:, None, None, :]
-        if segment_ids is not None:
-            seg = _check_shape(segment_ids, (b, t), "segment_ids")
-            mask = mask & (seg[:, None, :, None] == seg[:, None, None, :])
-
-        image_states = image_mask = image_live = None
+        image_states = image_mask = None
         if pixel_values is not None:
             pixel_values = jnp.asarray(pixel_values)
             if pixel_values.ndim != 5 or pixel_values.shape[0] != b:
@@ -186,13 +181,11 @@ class Idefics(nnx.Module):
             n = pixel_values.shape[1]
             iam = _check_shape(image_attention_mask, (b, t, n), "image_attention_mask").astype(bool)
             image_states = sharding.constrain(self.image_states(pixel_values), HIDDEN)
-            seq_per_image = image_states.shape[1] // n
-            image_mask = jnp.repeat(iam, seq_per_image, axis=-1)[:, None]
-            image_live = iam.any(-1)
+            image_mask = image_mask_of(iam, image_states.shape[1] // n)
 
         h = sharding.constrain(self.embed_tokens(input_ids), HIDDEN)
         cos, sin = L.rotary(position_ids, cfg.head_dim, cfg.rope_theta)
-        ctx = Context(cos, sin, mask, mask.any(-1)[:, 0], image_states, image_mask, image_live)
+        ctx = Context(cos, sin, mask, image_states, image_mask)
         h = L.scan(self.blocks, lambda blk, x: blk(x, ctx), h, "none")
         return self.logits(h)
 
@@ -205,6 +198,13 @@ class Idefics(nnx.Module):
         emb = self.embed_tokens
         extra = None if emb.additional_embedding is None else emb.additional_embedding[...].T
         return _logits(h, emb.weight[...].T, extra, emb.dtype)
+
+
+def image_mask_of(image_attention_mask: jax.Array, seq_per_image: int) -> L.Mask:
+    """The cross-attention's mask: image_attention_mask bool [B, T, N] (token t may see image n) over
+    keys laid out image by image, `seq_per_image` each (key s belongs to image s // seq_per_image)."""
+    n = image_attention_mask.shape[-1]
+    return L.Mask(q_images=image_attention_mask.astype(bool), kv_image=jnp.arange(n * seq_per_image) // seq_per_image)
 
 
 def _check_shape(x: Any, shape: tuple[int, ...], name: str) -> jax.Array:

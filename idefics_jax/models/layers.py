@@ -11,8 +11,10 @@ Conventions (see DESIGN.md §3):
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -143,21 +145,256 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
 
 
-def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float, live: jax.Array | None = None
-) -> jax.Array:
-    """Softmax attention, [B, T, N, H] × [B, S, N, H] → [B, T, N*H].
+# Keys per block of the blockwise kernel: its [B, N, T, BLOCK] score tiles stay in cache on CPU.
+BLOCK = 128
+_logged: set[str] = set()
 
-    `mask` is boolean, broadcastable to [B, N, T, S] (True = may attend). `live` bool [B, T] marks the
-    query rows whose mask is not all False (computed once per forward by the caller, `mask.any(-1)`);
-    the others produce zeros, as torch's SDPA does since 2.5 (they are padding: any value is
-    arbitrary, but zeros keep our logits equal to the reference everywhere, not only on real tokens).
-    Goes through `jax.nn.dot_product_attention` with its default implementation (XLA's).
+
+class Mask(NamedTuple):
+    """Which keys each query may see, carried by structure (never a dense [B, T, S] array).
+
+    Query t of row b sees key s iff every present condition holds:
+      kv_valid[b, s]                  bool [B, S]      padding (None: every key is real)
+      kv_pos[b, s] <= q_pos[b, t]     int [B, S], [B, T]  causality (None: not causal)
+      q_seg[b, t] == kv_seg[b, s]     int [B, T], [B, S]  packed segments (None: one segment)
+      q_images[b, t, kv_image[s]]     bool [B, T, N], int [S]  cross-attention: key s belongs to
+                                      image kv_image[s] (None: no image condition)
+    A query that sees no key gets a zero output (as torch's SDPA since 2.5).
     """
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
-    if live is not None:
-        out = out * live[:, :, None, None].astype(out.dtype)
-    return out.reshape(*out.shape[:2], -1)
+
+    kv_valid: jax.Array | None = None
+    q_pos: jax.Array | None = None
+    kv_pos: jax.Array | None = None
+    q_seg: jax.Array | None = None
+    kv_seg: jax.Array | None = None
+    q_images: jax.Array | None = None
+    kv_image: jax.Array | None = None
+
+    def allowed(self, keys: jax.Array | None = None) -> jax.Array | None:
+        """bool [B, 1, T, S'] for the keys at indices `keys` (int [S']; None: all S keys), or None
+        when nothing is masked. XLA fuses it into the select that uses it."""
+        pick = (lambda x, axis=1: x) if keys is None else (lambda x, axis=1: jnp.take(x, keys, axis=axis))
+        terms = []
+        if self.kv_valid is not None:
+            terms.append(pick(self.kv_valid)[:, None, :])
+        if self.q_pos is not None:
+            terms.append(pick(self.kv_pos)[:, None, :] <= self.q_pos[:, :, None])
+        if self.q_seg is not None:
+            terms.append(self.q_seg[:, :, None] == pick(self.kv_seg)[:, None, :])
+        if self.q_images is not None:
+            terms.append(jnp.take(self.q_images, pick(self.kv_image, 0), axis=2))
+        if not terms:
+            return None
+        out = terms[0]
+        for t in terms[1:]:
+            out = out & t
+        return out[:, None]
+
+    @property
+    def segmented(self) -> bool:
+        return self.q_seg is not None or self.q_images is not None
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask | None, scale: float, impl: str = "xla"
+) -> jax.Array:
+    """Softmax attention, q [B, T, N, H] × k, v [B, S, N, H] → [B, T, N*H] in v's dtype.
+
+    `mask` says which keys each query sees (None: all). Scores and softmax run in float32. `impl`
+    (IdeficsConfig.attention) chooses the kernel; all give the same numbers up to rounding:
+      xla        dense [B, N, T, S] scores in one pass; the custom VJP saves the log-sum-exp and
+                 recomputes the probabilities (one extra q·kᵀ; no [B, N, T, S] residual)
+      blockwise  flash-style: keys in blocks of BLOCK with an online softmax; the custom VJP
+                 recomputes each block's probabilities from the saved log-sum-exp (memory O(T), not O(T·S))
+      cudnn      `jax.nn.dot_product_attention(implementation="cudnn")` where cuDNN can express the
+                 call (GPU, bf16/fp16, head dim a multiple of 8, no mask or causal only); otherwise xla,
+                 with the reason logged once.
+    """
+    if impl not in ("xla", "blockwise", "cudnn"):
+        raise ValueError(f"attention impl={impl!r}; expected one of ('xla', 'blockwise', 'cudnn')")
+    if impl == "cudnn":
+        reason = _cudnn_refusal(q, mask)
+        if reason is None:
+            causal = mask is not None and mask.q_pos is not None
+            out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation="cudnn")
+            return out.reshape(*out.shape[:2], -1)
+        if reason not in _logged:
+            _logged.add(reason)
+            logging.getLogger(__name__).warning("attention='cudnn' falls back to 'xla': %s", reason)
+        impl = "xla"
+    with jax.named_scope("attention"):
+        qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, N, T|S, H]: heads as a batch axis
+        mask = mask or Mask()
+        if impl == "blockwise" and k.shape[1] > BLOCK:
+            out = _blockwise(qt, kt, vt, mask, scale)
+        else:
+            out = _dense(qt, kt, vt, mask, scale)
+        return out.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[1], -1)
+
+
+def _cudnn_refusal(q: jax.Array, mask: Mask | None) -> str | None:
+    """Why cuDNN's fused attention cannot run this call exactly (None: it can)."""
+    if jax.default_backend() != "gpu":
+        return f"no GPU (backend {jax.default_backend()!r})"
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"compute dtype {q.dtype} (cuDNN needs bfloat16 or float16)"
+    if q.shape[-1] % 8:
+        return f"head dim {q.shape[-1]} (cuDNN needs a multiple of 8)"
+    if mask is not None and mask.segmented:
+        return "packed segments or per-image cross-attention masks"
+    if mask is not None and mask.kv_valid is not None:
+        return "a padding mask (cuDNN's sequence lengths express right padding only)"
+    if mask is not None and mask.q_pos is not None and mask.q_pos.shape[1] != mask.kv_pos.shape[1]:
+        return "causal attention over a cache longer than the queries"
+    return None
+
+
+def _scores(q: jax.Array, k: jax.Array, allowed: jax.Array | None, scale: float) -> jax.Array:
+    """float32 scaled scores [B, N, T, S], -inf where not allowed."""
+    s = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    return s if allowed is None else jnp.where(allowed, s, -jnp.inf)
+
+
+def _finite(m: jax.Array) -> jax.Array:
+    """Row maxima with -inf (rows that see no key) replaced by 0, so exp(s - m) stays 0 there, not NaN."""
+    return jnp.where(jnp.isneginf(m), 0.0, m)
+
+
+def _dense_probs(q, k, mask, scale):
+    """(float32 probabilities [B, N, T, S], log-sum-exp [B, N, T, 1]: +inf on rows that see no key)."""
+    s = _scores(q, k, mask.allowed(), scale)
+    m = _finite(s.max(-1, keepdims=True))
+    e = jnp.exp(s - m)
+    total = e.sum(-1, keepdims=True)
+    seen = total > 0
+    safe = jnp.where(seen, total, 1.0)
+    return e / safe, jnp.where(seen, m + jnp.log(safe), jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _dense(q, k, v, mask, scale):
+    """Dense attention on [B, N, T, H] operands; the probabilities normalised before the weighted
+    sum, as the reference does."""
+    return _dense_fwd(q, k, v, mask, scale)[0]
+
+
+def _dense_fwd(q, k, v, mask, scale):
+    p, lse = _dense_probs(q, k, mask, scale)
+    out = jnp.einsum("bnts,bnsh->bnth", p.astype(v.dtype), v)
+    # Saving lse [B, N, T, 1], not p [B, N, T, S]: recomputing p costs one q·kᵀ matmul in the
+    # backward, less on CPU than writing p out and reading it back (and, under scan, than stacking
+    # it for every layer).
+    return out, (q, k, v, mask, out, lse)
+
+
+def _dense_bwd(scale, res, d_out):
+    q, k, v, mask, out, lse = res
+    p = jnp.exp(_scores(q, k, mask.allowed(), scale) - lse)
+    dq, dk, dv = _block_grads(q, k, v, p, _row_dot(d_out, out), d_out, scale)
+    return dq, dk, dv, _no_grad(mask)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def _row_dot(d_out: jax.Array, out: jax.Array) -> jax.Array:
+    """float32 [B, N, T, 1]: Σ_h d_out · out, the softmax backward's per-row term."""
+    return jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
+
+
+def _block_grads(q, k, v, p, d_row, d_out, scale):
+    """Gradients through softmax attention given the float32 probabilities p [B, N, T, S'] and
+    `_row_dot` d_row: (dq [B, N, T, H], dk, dv [B, N, S', H]) in the operands' dtypes."""
+    dv = jnp.einsum("bnts,bnth->bnsh", p.astype(v.dtype), d_out)
+    dp = jnp.einsum("bnth,bnsh->bnts", d_out, v, preferred_element_type=jnp.float32)
+    ds = (p * (dp - d_row) * jnp.float32(scale)).astype(q.dtype)
+    dq = jnp.einsum("bnts,bnsh->bnth", ds, k)
+    dk = jnp.einsum("bnts,bnth->bnsh", ds, q)
+    return dq, dk, dv
+
+
+def _no_grad(mask: Mask) -> Mask:
+    # Masks are integer / boolean: their cotangents are symbolic zeros.
+    return jax.tree.map(lambda x: None, mask)
+
+
+def _key_blocks(k, v, mask):
+    """Keys padded to a multiple of BLOCK (padding keys invalid): k, v [B, N, S', H], the mask, and
+    the key indices of each block int [S' / BLOCK, BLOCK]."""
+    s = k.shape[2]
+    pad = -s % BLOCK
+    if pad:
+        k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (k, v))
+        valid = jnp.ones((k.shape[0], s), bool) if mask.kv_valid is None else mask.kv_valid
+        pad_keys = lambda x, value: (
+            None if x is None else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=value)
+        )
+        mask = mask._replace(
+            kv_valid=pad_keys(valid, False),
+            kv_pos=pad_keys(mask.kv_pos, 0),
+            kv_seg=pad_keys(mask.kv_seg, 0),
+            kv_image=pad_keys(mask.kv_image, 0),
+        )
+    return k, v, mask, jnp.arange(s + pad).reshape(-1, BLOCK)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blockwise(q, k, v, mask, scale):
+    """Flash attention on [B, N, T, H] operands (see `attention`)."""
+    return _flash_fwd_pass(q, k, v, mask, scale)[0]
+
+
+def _flash_fwd_pass(q, k, v, mask, scale):
+    """(out [B, N, T, H], float32 log-sum-exp [B, N, T, 1]; +inf on rows that see no key)."""
+    kp, vp, mp, blocks = _key_blocks(k, v, mask)
+    b, n, t, h = q.shape
+    kb, vb = (x.reshape(b, n, -1, BLOCK, h).transpose(2, 0, 1, 3, 4) for x in (kp, vp))
+
+    def body(carry, xs):
+        m, total, acc = carry
+        kj, vj, keys = xs
+        s = _scores(q, kj, mp.allowed(keys), scale)
+        m_new = jnp.maximum(m, s.max(-1, keepdims=True))
+        p = jnp.exp(s - _finite(m_new))
+        rescale = jnp.exp(m - _finite(m_new))
+        acc = acc * rescale + jnp.einsum("bnts,bnsh->bnth", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+        return (m_new, total * rescale + p.sum(-1, keepdims=True), acc), None
+
+    init = (
+        jnp.full((b, n, t, 1), -jnp.inf, jnp.float32),
+        jnp.zeros((b, n, t, 1), jnp.float32),
+        jnp.zeros((b, n, t, h), jnp.float32),
+    )
+    (m, total, acc), _ = jax.lax.scan(body, init, (kb, vb, blocks))
+    seen = total > 0
+    out = (acc / jnp.where(seen, total, 1.0)).astype(v.dtype)
+    return out, jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), jnp.inf)
+
+
+def _flash_fwd(q, k, v, mask, scale):
+    out, lse = _flash_fwd_pass(q, k, v, mask, scale)
+    return out, (q, k, v, mask, out, lse)
+
+
+def _flash_bwd(scale, res, d_out):
+    q, k, v, mask, out, lse = res
+    kp, vp, mp, blocks = _key_blocks(k, v, mask)
+    b, n, _, h = q.shape
+    kb, vb = (x.reshape(b, n, -1, BLOCK, h).transpose(2, 0, 1, 3, 4) for x in (kp, vp))
+    d_row = _row_dot(d_out, out)
+
+    def body(dq, xs):
+        kj, vj, keys = xs
+        p = jnp.exp(_scores(q, kj, mp.allowed(keys), scale) - lse)
+        dqj, dkj, dvj = _block_grads(q, kj, vj, p, d_row, d_out, scale)
+        return dq + dqj.astype(jnp.float32), (dkj, dvj)
+
+    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), (kb, vb, blocks))
+    unblock = lambda x: x.transpose(1, 2, 0, 3, 4).reshape(b, n, -1, h)[:, :, : k.shape[2]]
+    return dq.astype(q.dtype), unblock(dk), unblock(dv), _no_grad(mask)
+
+
+_blockwise.defvjp(_flash_fwd, _flash_bwd)
 
 
 def rotary(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:

@@ -24,6 +24,7 @@ class SelfAttention(nnx.Module):
         self.v_proj = L.Linear(d, d, ("embed", "heads"), **kw)
         self.o_proj = L.Linear(d, d, ("heads", "embed"), **kw)
         self.num_heads = config.num_attention_heads
+        self.impl = config.attention
 
     def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, T, D]; cos/sin [B, T, head_dim] float32 → q, k (rotated), v [B, T, N, head_dim].
@@ -35,16 +36,14 @@ class SelfAttention(nnx.Module):
         v = L.split_heads(checkpoint_name(self.v_proj(x), "qkv"), n)
         return q, k, v
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, live: jax.Array) -> jax.Array:
-        """q [B, T, N, H] over k, v [B, S, N, H]; mask bool [B, 1, T, S]; live bool [B, T] (rows of
-        `mask` that are not all False) → [B, T, D]."""
-        out = checkpoint_name(L.attention(q, k, v, mask, q.shape[-1] ** -0.5, live), "attn_out")
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: L.Mask) -> jax.Array:
+        """q [B, T, N, H] over k, v [B, S, N, H]; `mask` which keys each query sees → [B, T, D]."""
+        out = checkpoint_name(L.attention(q, k, v, mask, q.shape[-1] ** -0.5, self.impl), "attn_out")
         return self.o_proj(out)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, live: jax.Array) -> jax.Array:
-        """x [B, T, D]; cos/sin [B, T, head_dim] float32; mask bool [B, 1, T, T]; live bool [B, T]
-        (rows of `mask` that are not all False) → [B, T, D]."""
-        return self.attend(*self.project(x, cos, sin), mask, live)
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: L.Mask) -> jax.Array:
+        """x [B, T, D]; cos/sin [B, T, head_dim] float32; `mask` (causal ∧ padding ∧ segments) → [B, T, D]."""
+        return self.attend(*self.project(x, cos, sin), mask)
 
 
 class DecoderLayer(nnx.Module):
@@ -65,9 +64,9 @@ class DecoderLayer(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, live: jax.Array) -> jax.Array:
-        """h [B, T, D] → [B, T, D] (see SelfAttention for the other shapes)."""
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, live)
+    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: L.Mask) -> jax.Array:
+        """h [B, T, D] → [B, T, D] (see SelfAttention for the other arguments)."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
         return self.feed_forward(h)
 
     def feed_forward(self, h: jax.Array) -> jax.Array:

@@ -63,20 +63,27 @@ def _accumulate(graphdef, p, frozen, micro, total, loss_scale, z_loss, num_datas
     )
 
     def accumulate(carry, mb):
-        g_acc, ce_acc, z_acc, ds_loss, ds_tok = carry
+        g_acc, ce_acc, z_acc, ds_loss, ds_tok = carry  # g_acc None: the first (only) micro-batch
         (_, (ce, z, w, ds)), g = grad_fn(p, mb)
         onehot = jax.nn.one_hot(ds, num_datasets, dtype=jnp.float32)
         return (
-            pin(jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g)),
+            pin(
+                jax.tree.map(lambda b: b.astype(jnp.float32), g)
+                if g_acc is None
+                else jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g)
+            ),
             ce_acc + ce.sum(),
             z_acc + z.sum(),
             ds_loss + onehot.T @ ce,
             ds_tok + onehot.T @ w,
         ), None
 
+    sums = (jnp.float32(0), jnp.float32(0), jnp.zeros(num_datasets), jnp.zeros(num_datasets))
+    if jax.tree.leaves(micro)[0].shape[0] == 1:
+        # One micro-batch: no loop, and no parameter-sized zeros to add to (0 + g is g exactly).
+        return accumulate((None, *sums), jax.tree.map(lambda x: x[0], micro))[0]
     zero = pin(jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p))
-    init = (zero, jnp.float32(0), jnp.float32(0), jnp.zeros(num_datasets), jnp.zeros(num_datasets))
-    return jax.lax.scan(accumulate, init, micro)[0]
+    return jax.lax.scan(accumulate, (zero, *sums), micro)[0]
 
 
 def make_train_step(lay: Layout, z_loss: float, micro_batches: int, num_datasets: int) -> Callable:
