@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -112,6 +113,18 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return float(np.mean([min(1.0, (matches - (g == pred)) / 3.0) for g in gts]))
 
 
+def cider_unavailable() -> str | None:
+    """Why `cider` cannot run on this machine (pycocoevalcap not installed, or no `java` on PATH for
+    its PTB tokenizer), as one sentence; None when it can."""
+    try:
+        import pycocoevalcap  # noqa: F401
+    except ImportError:
+        return "CIDEr needs pycocoevalcap: pip install 'idefics-jax[eval]' (and Java on PATH)"
+    if shutil.which("java") is None:
+        return "CIDEr's PTB tokenizer runs Java: install a JRE (e.g. apt-get install default-jre)"
+    return None
+
+
 def cider(predictions: Mapping, references: Mapping) -> float:
     """CIDEr-D ×100 of one caption per id against its reference captions, through pycocoevalcap.
 
@@ -121,22 +134,20 @@ def cider(predictions: Mapping, references: Mapping) -> float:
     Both are tokenized by pycocoevalcap's PTBTokenizer (Java); the document frequencies are those
     of the references given, as in the COCO caption evaluation.
     """
-    try:
-        from pycocoevalcap.cider.cider import Cider
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-    except ImportError:
-        raise UserError("CIDEr needs pycocoevalcap: pip install 'idefics-jax[eval]' (and Java on PATH)") from None
+    reason = cider_unavailable()
+    if reason is not None:
+        raise UserError(reason)
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
     if set(predictions) != set(references):
         raise ValueError("cider: predictions and references must have the same ids")
     if not predictions:
         raise ValueError("cider: no captions")
     tok = PTBTokenizer()
-    try:
-        with _stderr_shown_only_on_failure():
-            gts = tok.tokenize({k: [{"caption": c} for c in references[k]] for k in references})
-            res = tok.tokenize({k: [{"caption": predictions[k]}] for k in predictions})
-    except FileNotFoundError:
-        raise UserError("CIDEr's PTB tokenizer runs Java: install a JRE (e.g. apt-get install default-jre)") from None
+    with _stderr_shown_only_on_failure():
+        gts = tok.tokenize({k: [{"caption": c} for c in references[k]] for k in references})
+        res = tok.tokenize({k: [{"caption": predictions[k]}] for k in predictions})
     score, _ = Cider().compute_score(gts, res)
     return 100.0 * float(score)
 

@@ -63,7 +63,7 @@ def _train(run: Run, lay: state_lib.Layout, workdir: str, lock: WorkdirLock | No
     pipe = _open_pipeline(run, guards, meta.get("data"))
     train_step = make_train_step(lay, tc.z_loss, tc.micro_batches, len(pipe.dataset_names))
     evaluator = Evaluator.create(run, lay)
-    fewshot = FewShot.create(run, lay)
+    fewshot = FewShot.create(run, lay, writer)
     meter = Meter(run, lay, pipe.dataset_names)
     scales = {s: v for s, v in tc.debug.loss_scale_at_steps}
     stop = SignalStop()
@@ -90,11 +90,11 @@ def _train(run: Run, lay: state_lib.Layout, workdir: str, lock: WorkdirLock | No
             )
             if evaluator is not None and step % tc.eval_every == 0:
                 writer.log_eval(step, evaluator(state), tc.eval_steps)
-            if fewshot is not None:
-                fewshot(step, state, writer)
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 ckpt.save(step, state, _train_state(run, step, state, pipe, guards), run.config)
                 saved = step
+            if fewshot is not None:  # after the save: a failing benchmark must not cost the step
+                fewshot(step, state, writer)
             ckpt.poll()
             if lock is not None:
                 lock.check()
@@ -318,8 +318,24 @@ class FewShot:
         self.batch_size = lay.micro_batch_rows_per_device * lay.mesh.shape["data"] * lay.mesh.shape["fsdp"]
 
     @classmethod
-    def create(cls, run: Run, lay: state_lib.Layout) -> FewShot | None:
-        return cls(run, lay) if run.train.eval_tasks else None
+    def create(cls, run: Run, lay: state_lib.Layout, writer: Writer) -> FewShot | None:
+        """None without `train.eval_tasks`. A captioning task whose metric cannot run here (no
+        pycocoevalcap or no Java) is dropped with a warning now, rather than failing the run when it
+        is first due."""
+        from idefics_jax.eval import metrics, tasks
+
+        reason = metrics.cider_unavailable()
+        keep = []
+        for t in run.train.eval_tasks:
+            if reason is not None and tasks.get(t["task"]).kind == "caption":
+                writer.console(f"warning: train.eval_tasks: {t['task']} will not be evaluated: {reason}")
+            else:
+                keep.append(t)
+        if not keep:
+            return None
+        fewshot = cls(run, lay)
+        fewshot.tasks = keep
+        return fewshot
 
     def __call__(self, step: int, state: dict, writer: Writer) -> None:
         from flax import nnx
