@@ -312,8 +312,8 @@ class FewShot:
     """The few-shot benchmarks of `train.eval_tasks` (idefics_jax.eval), each at its interval, on the
     live parameters (no checkpoint round trip); prompts are batched by the micro-batch size."""
 
-    def __init__(self, run: Run, lay: state_lib.Layout):
-        self.tasks, self.lay = run.train.eval_tasks, lay
+    def __init__(self, run: Run, lay: state_lib.Layout, tasks: list[dict]):
+        self.tasks, self.lay = tasks, lay
         self.processor = data_lib.Processor(run.data.tokenizer_path, image_size=lay.model_config.vision.image_size)
         self.batch_size = lay.micro_batch_rows_per_device * lay.mesh.shape["data"] * lay.mesh.shape["fsdp"]
 
@@ -331,11 +331,7 @@ class FewShot:
                 writer.console(f"warning: train.eval_tasks: {t['task']} will not be evaluated: {reason}")
             else:
                 keep.append(t)
-        if not keep:
-            return None
-        fewshot = cls(run, lay)
-        fewshot.tasks = keep
-        return fewshot
+        return cls(run, lay, keep) if keep else None
 
     def __call__(self, step: int, state: dict, writer: Writer) -> None:
         from flax import nnx
