@@ -22,7 +22,7 @@ OUT_DIR/eval-v{_EVAL_VERSION}:
     vqav2/{train2014,val2014}/   a VQA task in VQAv2's format ("What colour is the shape?",
                                  "What shape is this?", ten identical human answers)
     fewshot/docs-00000.parquet   OBELICS-layout documents written in the few-shot prompt format
-                                 (configs/tiny_eval.py trains on them so that the tasks are learnable)
+                                 (configs/tiny.py trains on them so that the tasks are learnable)
 
 Every image is a coloured shape on a plain background and every caption / following sentence names
 the colour and the shape, so a model trained on it can only lower its loss on those words by
