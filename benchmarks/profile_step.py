@@ -57,6 +57,24 @@ MOVES = {
     "copy-start",
     "copy-done",
 }
+# models/layers.py's attention code: the entry point, both kernels and their custom VJPs.
+ATTENTION_FNS = {
+    "attention",
+    "allowed",
+    "_scores",
+    "_finite",
+    "_dense",
+    "_dense_probs",
+    "_dense_fwd",
+    "_dense_bwd",
+    "_row_dot",
+    "_block_grads",
+    "_key_blocks",
+    "_blockwise",
+    "_flash_fwd_pass",
+    "_flash_fwd",
+    "_flash_bwd",
+}
 SCAN_OPS = {"dynamic-slice", "dynamic-update-slice", "while", "conditional", "call"}
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\([^=]*?\)|\S+) ([a-z][\w\-]*)\((.*)$")
 
@@ -111,7 +129,7 @@ def categorise(name: str, instrs: dict, comps: dict, frame_fn: dict) -> str:
     inner = [instrs[i] for c in called for i in comps.get(c, [])] if opcode == "fusion" else []
     fns = functions(name, instrs, comps, frame_fn)
     ops = {x[0] for x in inner} or {opcode}
-    if fns & {"attention", "_attention_xla", "_blockwise", "_blockwise_fwd", "_blockwise_bwd", "_block_scores"}:
+    if fns & ATTENTION_FNS:
         return "attention"
     if fns & {"_logits", "loss_sums", "_nll", "logits"}:
         return "loss/logits"
