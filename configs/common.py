@@ -160,6 +160,15 @@ def without_fsdp() -> tuple:
     return tuple((name, None if name in ("embed", "vision_embed") else target) for name, target in DEFAULT_RULES)
 
 
+def sequence_parallel() -> tuple:
+    """The default rules with sequence parallelism: the decoder's residual stream split over
+    'tensor' along the sequence between layers ('length' → 'tensor'; see idefics_jax.sharding).
+    For `c.sharding_rules`; with tensor=1 it changes nothing."""
+    from idefics_jax.sharding import DEFAULT_RULES
+
+    return tuple((name, "tensor" if name == "length" else target) for name, target in DEFAULT_RULES)
+
+
 def base(model: IdeficsConfig) -> ml_collections.ConfigDict:
     """The config skeleton around `model`."""
     c = ml_collections.ConfigDict()
