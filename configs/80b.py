@@ -10,8 +10,9 @@ reduce-scatters out of the matmuls, which windowed einsum overlaps with them); t
 are gathered once per step as a bf16 compute copy (train.trainable_layout=zero1), so the micro-batch
 count costs no network traffic, and 56 micro-batches of 1 row per GPU keep the activations small
 enough for remat "dots_no_batch" (every weight matmul's output saved: 1.02x the model FLOPs). The
-plan: 77.8 GB per GPU (CPU upper bound), estimated MFU 63.3% (without sequence parallelism, remat
-"minimal": 78.6 GB, 38.4%); docs/cluster.md, "Sequence parallelism".
+plan: 77.8 GB per GPU (CPU upper bound), estimated MFU 63.3% if windowed einsum hides the
+sequence-parallel collectives under their matmuls, 48.8% if it hides none (without sequence
+parallelism, remat "minimal": 78.6 GB, 38.4%); docs/cluster.md, "Sequence parallelism".
 """
 
 from configs import common

@@ -1,6 +1,7 @@
 """Sequence parallelism (`configs.common.sequence_parallel()`: 'length' → 'tensor') computes what the
 default layout computes: on an fsdp 2 × tensor 4 mesh, zero1 with 2 micro-batches (the 80B's layout),
-the tiny config's losses over 3 steps and its parameters after them equal those without it. (That
+the tiny config's losses over 3 steps and its parameters after them equal those without it, and the
+rule does reach the step's program. (That
 the compiled step's decoder collectives become all-gathers into and reduce-scatters out of the
 matmuls is read from the 80B plan, docs/cluster.md; tests/test_plan.py checks the reader.)"""
 
@@ -15,9 +16,12 @@ from testlib import load_config, losses
 
 import idefics_jax
 from configs import common
-from idefics_jax import sharding
+from idefics_jax import run_config, sharding
+from idefics_jax.data.schema import batch_spec
 from idefics_jax.models.vision import HIDDEN
+from idefics_jax.train import state as state_lib
 from idefics_jax.train.loop import train
+from idefics_jax.train.step import make_train_step
 
 MESH = {"data": 1, "fsdp": 2, "tensor": 4}
 STEPS = 3
@@ -54,12 +58,26 @@ def runs(tmp_path_factory):
     return root
 
 
-def test_the_hidden_state_is_split_over_tensor_along_the_sequence():
-    # The tiny config's 128 tokens divide over tensor=4, so the rule is not dropped.
-    mesh = sharding.make_mesh(MESH)
+def _lowered(config) -> str:
+    """The train step of `config` on the test mesh, lowered (not compiled), as text."""
+    run = run_config.parse(config, files=False)
+    lay = state_lib.layout(run, sharding.make_mesh(run.config.mesh, jax.devices()[:8]))
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), lay.abstract, lay.shardings)
+    step = make_train_step(lay, run.train.z_loss, run.train.micro_batches, len(run.data.datasets))
+    scalar = jax.ShapeDtypeStruct((), np.float32)
+    with lay.activate():
+        return step.lower(state, batch_spec(run.data, lay.mesh), scalar, scalar).as_text()
+
+
+def test_the_rule_reaches_the_step():
+    # The tiny config's 128 tokens divide over tensor=4, so the rule is not dropped for the hidden
+    # state, and the step's program changes with it (were the model to ignore 'length', the two
+    # programs would be the same and the equality below would prove nothing).
+    mesh = sharding.make_mesh(MESH, jax.devices()[:8])
     rules = sharding.rules_from_config(common.sequence_parallel())
-    rows, seq, width = 2, _config(True).data.seq_len, 64
-    assert sharding.logical_to_spec(HIDDEN, rules, (rows, seq, width), mesh) == PartitionSpec(("data", "fsdp"), "tensor", None)
+    shape = (2, _config(True).data.seq_len, 64)
+    assert sharding.logical_to_spec(HIDDEN, rules, shape, mesh) == PartitionSpec(("data", "fsdp"), "tensor", None)
+    assert _lowered(_config(True)) != _lowered(_config(False))
 
 
 def test_sequence_parallel_equals_the_default_layout(runs):
