@@ -4,11 +4,15 @@ laid out for 64 nodes x 8 A100-80GB.
     python -m idefics_jax.plan --config configs/80b.py
 
 Layout: fsdp=64 (master weights and AdamW moments sharded across nodes) x tensor=8 (Megatron tensor
-parallelism over NVLink); the trainable weights are gathered once per step as a bf16 compute copy
-(train.trainable_layout=zero1), so the micro-batch count costs no network traffic and 56 micro-batches
-of 1 row per GPU keep the activations small enough for remat "minimal" (q/k/v and attention outputs
-saved). The plan: 78.5 GB per GPU (CPU upper bound), estimated MFU 38.5% (fsdp, the previous layout:
-34.6% at 14 micro-batches); docs/cluster.md, "fsdp or zero1".
+parallelism over NVLink) with sequence parallelism (the residual stream between layers split over
+'tensor' along the sequence, so the tensor-parallel all-reduces become all-gathers into and
+reduce-scatters out of the matmuls, which windowed einsum overlaps with them); the trainable weights
+are gathered once per step as a bf16 compute copy (train.trainable_layout=zero1), so the micro-batch
+count costs no network traffic, and 56 micro-batches of 1 row per GPU keep the activations small
+enough for remat "dots_no_batch" (every weight matmul's output saved: 1.02x the model FLOPs). The
+plan: 77.8 GB per GPU (CPU upper bound), estimated MFU 63.3% if windowed einsum hides the
+sequence-parallel collectives under their matmuls, 48.8% if it hides none (without sequence
+parallelism, remat "minimal": 78.6 GB, 38.4%); docs/cluster.md, "Sequence parallelism".
 """
 
 from configs import common
@@ -21,9 +25,10 @@ def get_config():
         )
     )
     c.mesh.fsdp, c.mesh.tensor = 64, 8
+    c.sharding_rules = common.sequence_parallel()  # residual stream split over 'tensor' along the sequence
     common.web_mixture(c)
     c.data.global_batch_size = 3584  # x 1024 tokens = 3.67M tokens per step, as IDEFICS-80B
-    c.model.remat = "minimal"
+    c.model.remat = "dots_no_batch"
     c.train.trainable_layout = "zero1"
     c.train.micro_batches = 56  # 64 rows per micro-batch: 1 per FSDP shard (8 GPUs)
     c.train.steps = 40_000

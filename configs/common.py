@@ -160,6 +160,17 @@ def without_fsdp() -> tuple:
     return tuple((name, None if name in ("embed", "vision_embed") else target) for name, target in DEFAULT_RULES)
 
 
+def sequence_parallel() -> tuple:
+    """The default rules with sequence parallelism: the decoder's residual stream split over
+    'tensor' along the sequence between layers ('length' → 'tensor'; see idefics_jax.sharding).
+    For `c.sharding_rules` with train.trainable_layout='zero1'; with tensor=1 it changes nothing.
+    (With the fsdp layout the partitioner reduced activations over 'fsdp' instead of gathering the
+    weights: the 9B at tensor 8 planned at 19.2%, docs/cluster.md.)"""
+    from idefics_jax.sharding import DEFAULT_RULES
+
+    return tuple((name, "tensor" if name == "length" else target) for name, target in DEFAULT_RULES)
+
+
 def base(model: IdeficsConfig) -> ml_collections.ConfigDict:
     """The config skeleton around `model`."""
     c = ml_collections.ConfigDict()

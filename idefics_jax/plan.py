@@ -386,6 +386,12 @@ class Collective:
     node_bytes: float  # bytes into the busiest node per step over the network (0 within a node)
     intra_node: bool
     in_loop: bool  # issued inside a while loop (the micro-batch / layer scans), not once per step
+    # Paired with matmuls the way windowed einsum (collective matmul) decomposes: an all-gather
+    # feeding only dots, or a reduce-scatter of a dot's output, within a node (`_dot_pairs`).
+    with_dot: bool = False
+    # with_dot only: [executions per step, bytes on the wire per execution, FLOPs of the paired
+    # dots per execution, group size], one entry per distinct (bytes, FLOPs, group).
+    pairs: list[list[float]] = dataclasses.field(default_factory=list)
 
 
 def _axes_of(members: Iterable[int], coords: np.ndarray, axis_names: Sequence[str]) -> tuple[str, ...]:
@@ -400,7 +406,9 @@ def collectives_and_flops(
     module partitioned over a mesh of `mesh_shape`; partition p is `device_ids[p]` (node p // per node).
 
     An all-reduce whose users are all dynamic-slices taking 1/group of it is counted as the
-    reduce-scatter that XLA:GPU's reduce-scatter-creator turns it into.
+    reduce-scatter that XLA:GPU's reduce-scatter-creator turns it into. Intra-node all-gathers and
+    reduce-scatters paired with dots (`_dot_pairs`) are kept apart (`with_dot`), with the FLOPs of
+    the dots they pair with.
     """
     comps, entry = parse_hlo(text)
     mult, warnings = multiplicities(comps, entry)
@@ -409,6 +417,7 @@ def collectives_and_flops(
     coords = np.stack(np.unravel_index(np.arange(n), mesh_shape), axis=1)
     node = np.asarray(device_ids) // gpus_per_node
     types = {i.name: i.type for ins in comps.values() for i in ins}
+    by_name = {i.name: i for ins in comps.values() for i in ins}
     users: dict[str, list[Instr]] = defaultdict(list)
     for ins in comps.values():
         for i in ins:
@@ -423,9 +432,7 @@ def collectives_and_flops(
             continue
         for ins in instrs:
             if ins.op == "dot":
-                lhs = _dims(types.get(ins.operands[0], ""))
-                contracting = _ints(re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs).group(1))
-                flops += k * 2.0 * math.prod(_dims(ins.type)) * math.prod(lhs[c] for c in contracting)
+                flops += k * _dot_flops(ins, types)
                 continue
             kind = ins.op.removesuffix("-start")
             if kind not in COLLECTIVES or ins.op.endswith("-done"):
@@ -477,19 +484,72 @@ def collectives_and_flops(
                 for nd, m in zip(nodes, counts):
                     share = m * payload / g if kind == "all-to-all" else payload
                     per_node[nd] += factor * share * (1 - m / g)
-            intra = not per_node
-            _add(merged, kind, axes, k, payload, wire, max(per_node.values(), default=0.0), intra, cname in in_loops)
-    return sorted(merged.values(), key=lambda c: (c.axes, c.kind, not c.in_loop)), flops, warnings
+            intra, network = not per_node, max(per_node.values(), default=0.0)
+            dots = _dot_pairs(ins, kind, users, by_name) if intra else None
+            pair = None if dots is None else (wire, sum(_dot_flops(d, types) for d in dots), g)
+            _add(merged, kind, axes, k, payload, wire, network, intra, cname in in_loops, pair)
+    return sorted(merged.values(), key=lambda c: (c.axes, c.kind, not c.in_loop, c.with_dot)), flops, warnings
 
 
-def _add(merged, kind, axes, k, payload, wire, node_bytes, intra, in_loop):
-    key = (kind, "+".join(axes) or "-", in_loop)
-    c = merged.setdefault(key, Collective(kind, key[1], 0, 0.0, 0.0, 0.0, True, in_loop))
+def _dot_flops(dot: Instr, types: dict[str, str]) -> float:
+    """FLOPs of one execution of an HLO dot: 2 × output elements × contracted elements."""
+    lhs = _dims(types.get(dot.operands[0], ""))
+    contracting = _ints(re.search(r"lhs_contracting_dims=\{([\d,]*)\}", dot.attrs).group(1))
+    return 2.0 * math.prod(_dims(dot.type)) * math.prod(lhs[c] for c in contracting)
+
+
+# Ops the pairing looks through between a collective and its dot (layout and dtype changes the
+# partitioner leaves there): they move no data across devices. That windowed einsum decomposes
+# the pair across them too is an assumption, stated with the estimate in docs/cluster.md.
+_PASS_THROUGH = ("bitcast", "copy", "reshape", "convert")
+
+
+def _dot_pairs(ins: Instr, kind: str, users: dict[str, list[Instr]], by_name: dict[str, Instr]) -> list[Instr] | None:
+    """The dots a collective pairs with as windowed einsum (collective matmul) decomposes them, or None.
+
+    - all-gather → dot: every use of the gathered array (through `_PASS_THROUGH` ops) is a dot
+      operand; windowed einsum multiplies the local chunk while the next one arrives around the ring.
+    - dot → reduce-scatter (or the all-reduce + dynamic-slice the partitioner writes for one): the
+      reduced array is a dot's output (through `_PASS_THROUGH` ops); each partial chunk is sent on
+      while the next one is computed.
+    This is the shape XLA's SPMD partitioner gives a dot whose operand is split along a
+    non-contracted dimension (sequence parallelism: the sequence over 'tensor') or whose output must
+    come out split; an all-reduce of a whole dot output (plain tensor parallelism) is not such a pair.
+    """
+    if kind == "all-gather":
+        found, todo = [], list(users[ins.name])
+        while todo:
+            u = todo.pop()
+            if u.op in _PASS_THROUGH:
+                todo += users[u.name]
+            elif u.op == "dot":
+                found.append(u)
+            else:
+                return None
+        return found or None
+    if kind == "reduce-scatter":
+        src = by_name.get(ins.operands[0]) if ins.operands else None
+        while src is not None and src.op in _PASS_THROUGH:
+            src = by_name.get(src.operands[0])
+        return [src] if src is not None and src.op == "dot" else None
+    return None
+
+
+def _add(merged, kind, axes, k, payload, wire, node_bytes, intra, in_loop, pair=None):
+    key = (kind, "+".join(axes) or "-", in_loop, pair is not None)
+    c = merged.setdefault(key, Collective(kind, key[1], 0, 0.0, 0.0, 0.0, True, in_loop, pair is not None))
     c.count += k
     c.payload += k * payload
     c.traffic += k * wire
     c.node_bytes += k * node_bytes
     c.intra_node = c.intra_node and intra
+    if pair is not None:
+        for entry in c.pairs:
+            if tuple(entry[1:]) == pair:
+                entry[0] += k
+                break
+        else:
+            c.pairs.append([k, *pair])
 
 
 # The plan ------------------------------------------------------------------------------------------
@@ -626,7 +686,7 @@ def _digest(program: str, gpus_per_node: int) -> str:
     h = hashlib.sha256(program.encode())
     h.update(f"{jax.__version__} {gpus_per_node}".encode())
     readers = (plan, collectives_and_flops, parse_hlo, multiplicities, looped, _trip_count, replica_groups)
-    for fn in readers + (_mesh_groups, _add, array_bytes, shard_bytes):
+    for fn in readers + (_mesh_groups, _add, _dot_flops, _dot_pairs, array_bytes, shard_bytes):
         h.update(inspect.getsource(fn).encode())
     return h.hexdigest()[:24]
 
@@ -646,9 +706,14 @@ def estimate(
     Step time: matmuls at `efficiency` × peak; collectives bandwidth-bound (no latency term): within
     a node at `nvlink_gbytes` per GPU, across nodes at `internode_gbits` per node shared by its
     GPUs. What overlaps with what (`OVERLAP` says it in words, and the report prints it):
-    - intra-node collectives (tensor parallelism's all-reduces) are exposed: each sits between two
-      dependent matmuls, and XLA's windowed einsum only overlaps all-gather→dot and
-      dot→reduce-scatter pairs, which these are not;
+    - intra-node all-gathers feeding dots and reduce-scatters of dot outputs (`with_dot`: sequence
+      parallelism's, see `_dot_pairs`) overlap with those dots only, as windowed einsum (collective
+      matmul, `--xla_gpu_threshold_for_windowed_einsum_mib=0` in launch/slurm/env.sh) runs them: over
+      a group of g devices the dot is cut into g chunks and the g−1 ring transfers run under g−1 of
+      them, so per execution the exposed part is max(0, transfer − (g−1)/g × the paired dots' matmul
+      time). The dots' time itself is in `compute` already; nothing else is counted under them;
+    - the other intra-node collectives (tensor parallelism's all-reduces, each between two dependent
+      matmuls) are exposed;
     - inter-node collectives inside the scans (fsdp's per-layer weight all-gathers and gradient
       reduce-scatters) overlap with compute: the latency-hiding scheduler and the pipelined
       collectives of launch/slurm/env.sh move the next layer's gather (and the previous layer's
@@ -656,19 +721,27 @@ def estimate(
     - inter-node collectives outside every loop (zero1's one gather before the micro-batch scan and
       one reduce-scatter after it) are exposed: the first micro-batch needs every gathered weight,
       and the update needs every reduced gradient.
-    step = max(compute + intra-node, inter-node in loops) + inter-node outside loops. The
-    no-overlap bound (the sum of all four) is reported too.
+    step = max(compute + intra-node exposed + windowed exposed, inter-node in loops) + inter-node
+    outside loops. The no-overlap bound (every collective's full time added to compute) is reported
+    too.
     """
     b = fig["bytes"]
     total = b["arguments"] + b["temporaries"] + b["outputs"] - b["aliased"] + reserve_gb * GB
-    compute = fig["hw_flops_per_device"] / (peak_tflops * 1e12 * efficiency)
+    matmul = peak_tflops * 1e12 * efficiency
+    compute = fig["hw_flops_per_device"] / matmul
     colls = fig["collectives"]
-    intra = sum(c["traffic"] for c in colls if c["intra_node"]) / (nvlink_gbytes * GB)
+    nvlink = nvlink_gbytes * GB
+    intra = sum(c["traffic"] for c in colls if c["intra_node"] and not c.get("with_dot")) / nvlink
+    windowed = windowed_exposed = 0.0
+    for count, wire, dot_flops, group in (p for c in colls if c.get("with_dot") for p in c["pairs"]):
+        transfer = wire / nvlink
+        windowed += count * transfer
+        windowed_exposed += count * max(0.0, transfer - (group - 1) / group * dot_flops / matmul)
     network = internode_gbits / 8 * GB
     inter_loop = sum(c["node_bytes"] for c in colls if c["in_loop"]) / network
     inter_step = sum(c["node_bytes"] for c in colls if not c["in_loop"]) / network
-    step = max(compute + intra, inter_loop) + inter_step
-    no_overlap = compute + intra + inter_loop + inter_step
+    step = max(compute + intra + windowed_exposed, inter_loop) + inter_step
+    no_overlap = compute + intra + windowed + inter_loop + inter_step
     peak_all = peak_tflops * 1e12 * fig["devices"]
     return dict(
         fig,
@@ -678,6 +751,8 @@ def estimate(
         time={
             "compute_s": compute,
             "intra_node_s": intra,
+            "windowed_einsum_s": windowed,
+            "windowed_einsum_exposed_s": windowed_exposed,
             "inter_node_in_loops_s": inter_loop,
             "inter_node_per_step_s": inter_step,
             "step_s": step,
@@ -697,12 +772,15 @@ def estimate(
 
 
 OVERLAP = {
-    "overlapped": "inter-node collectives inside the scans (fsdp's per-layer weight all-gathers and gradient "
-    "reduce-scatters): the latency-hiding scheduler and pipelined collectives run them under the neighbouring "
-    "layer's matmuls",
-    "exposed": "intra-node (tensor-parallel) all-reduces, each between two dependent matmuls (windowed einsum "
-    "overlaps only all-gather→dot and dot→reduce-scatter pairs); inter-node collectives outside every loop "
-    "(zero1's once-per-step gather and reduce-scatter): nothing independent is left to compute under them",
+    "overlapped": "intra-node all-gathers feeding only dots and reduce-scatters of a dot's output (sequence "
+    "parallelism's; 'with dot' in the table): windowed einsum runs g-1 of each ring's g steps under g-1 of the "
+    "paired dots' g chunks, hiding at most (g-1)/g of those dots' matmul time; inter-node collectives inside "
+    "the scans (fsdp's per-layer weight all-gathers and gradient reduce-scatters): the latency-hiding scheduler "
+    "and pipelined collectives run them under the neighbouring layer's matmuls",
+    "exposed": "the rest of the intra-node collectives, e.g. tensor parallelism's all-reduces, each between two "
+    "dependent matmuls (windowed einsum decomposes only all-gather→dot and dot→reduce-scatter pairs); the part "
+    "of a paired collective its dots cannot hide; inter-node collectives outside every loop (zero1's "
+    "once-per-step gather and reduce-scatter): nothing independent is left to compute under them",
 }
 
 
@@ -822,14 +900,17 @@ def report(fig: dict[str, Any]) -> str:
         + ("fits" if fig["fits"] else "DOES NOT FIT"),
         "",
         f"collectives per step (from {fig['hlo_source']}; bytes per device)",
-        f"  {'axes':<14}{'kind':<20}{'where':<7}{'count':>8}{'payload':>14}{'on the wire':>14}{'network/node':>14}",
+        f"  {'axes':<14}{'kind':<20}{'where':<7}{'with dot':<10}{'count':>8}{'payload':>14}{'on the wire':>14}"
+        f"{'network/node':>14}",
     ]
     for c in fig["collectives"]:
         lines.append(
-            f"  {c['axes']:<14}{c['kind']:<20}{'loop' if c['in_loop'] else 'step':<7}{c['count']:>8}"
+            f"  {c['axes']:<14}{c['kind']:<20}{'loop' if c['in_loop'] else 'step':<7}"
+            f"{'yes' if c.get('with_dot') else '':<10}{c['count']:>8}"
             f"{_gb(c['payload']):>14}{_gb(c['traffic']):>14}{_gb(c['node_bytes']):>14}"
         )
-    lines.append("  (where: loop = inside the micro-batch / layer scans; step = once per step, outside every loop)")
+    lines.append("  (where: loop = inside the micro-batch / layer scans; step = once per step, outside every loop;")
+    lines.append("   with dot: an intra-node all-gather feeding only dots or reduce-scatter of a dot's output)")
     a = fig["assumptions"]
     lines += [
         "",
@@ -839,7 +920,8 @@ def report(fig: dict[str, Any]) -> str:
         f"estimate on A100-80GB ({a['peak_tflops']:g} TFLOP/s bf16 at {a['matmul_efficiency']:.0%} for "
         f"matmuls; NVLink {a['nvlink_gbytes']:g} GB/s per GPU; network {a['internode_gbits']:g} Gbit/s per "
         f"node):",
-        f"  compute {t['compute_s']:.2f} s + intra-node collectives {t['intra_node_s']:.2f} s, "
+        f"  compute {t['compute_s']:.2f} s + intra-node collectives {t['intra_node_s']:.2f} s + windowed-einsum "
+        f"collectives {t['windowed_einsum_exposed_s']:.2f} s exposed (of {t['windowed_einsum_s']:.2f} s), "
         f"overlapped with inter-node collectives in loops {t['inter_node_in_loops_s']:.2f} s; "
         f"then inter-node collectives per step {t['inter_node_per_step_s']:.2f} s",
         f"  step {t['step_s']:.2f} s → MFU {fig['mfu']:.1%} "
@@ -865,7 +947,8 @@ def compare_table(figs: Sequence[dict[str, Any]]) -> str:
         lines.append(
             f"{f['trainable_layout']:<8}{f['micro_batches']:>6}{f['rows_per_device_per_micro_batch']:>9g}"
             f"{f['memory_total'] / GB:>7.1f} GB{'' if f['fits'] else ' OVER':>5}{loop / GB:>12.1f} GB{step / GB:>12.1f} GB"
-            f"{t['compute_s'] + t['intra_node_s']:>10.2f} s{t['step_s']:>7.2f} s{f['mfu']:>8.1%}"
+            f"{t['compute_s'] + t['intra_node_s'] + t['windowed_einsum_exposed_s']:>10.2f} s{t['step_s']:>7.2f} s"
+            f"{f['mfu']:>8.1%}"
         )
     return "\n".join(lines)
 

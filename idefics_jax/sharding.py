@@ -5,10 +5,18 @@ rules table maps logical names to the mesh axes ('data', 'fsdp', 'tensor'); chan
 (pure FSDP, more tensor parallelism, ...) is a change of this table or of the mesh config, never of
 model code.
 
-Default layout (80B on 64 nodes x 8 GPUs: fsdp=64, tensor=8): Megatron inside a node — q/k/v and
+Default rules (with the 80B's mesh, 64 nodes x 8 GPUs: fsdp=64, tensor=8): Megatron inside a node — q/k/v and
 gate/up column-parallel, o/down row-parallel over 'tensor', embedding rows and LM-head columns
 vocab-parallel — and FSDP (weights' model-width axis over 'fsdp') across nodes. Activations are
 split over the batch on ('data', 'fsdp') and replicated over 'tensor'.
+
+Sequence parallelism (Megatron-LM's; `configs.common.sequence_parallel()`, which the 80B config
+uses) is the rule ('length', 'tensor'): the decoder's residual stream between layers is split over 'tensor' along the
+sequence, so each tensor-parallel all-reduce becomes a reduce-scatter after o_proj/down_proj and an
+all-gather before q/k/v and gate/up (pairs XLA's windowed einsum overlaps with the matmuls), and
+norms and residual adds run on 1/tensor of the tokens. The image activations (ViT patches,
+perceiver latents, the cross-attention's image states) have their own axis, 'vision_length',
+unsplit by default.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ Rules = tuple[tuple[str, Any], ...]
 DEFAULT_RULES: Rules = (
     ("batch", ("data", "fsdp")),
     ("length", None),
+    ("vision_length", None),
     ("act_embed", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),

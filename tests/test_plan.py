@@ -3,6 +3,7 @@ the whole plan of a reduced config on a fake 16-device mesh checked against byte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -234,3 +235,70 @@ def test_plan_of_a_reduced_config_on_16_devices(tmp_path):
     assert fig["hlo_source"].startswith("the partitioned program")
     # Compiled matmul FLOPs cover at least the model FLOPs (no remat in tiny: about equal).
     assert 0.9 < fig["hw_flops_per_device"] * 16 / fig["model_flops"] < 1.5
+
+
+# Sequence parallelism's pairs on a mesh of tensor 2 (devices 0, 1; one node): a gather of the
+# sequence-split activations feeding a dot, a dot's output all-reduced then sliced (the
+# partitioner's reduce-scatter), and two that are not pairs: a plain all-reduce of a dot's output
+# (Megatron without sequence parallelism) and a gather that feeds an add.
+PAIRS_HLO = """HloModule pairs
+
+%add (a: bf16[], b: bf16[]) -> bf16[] {
+  %a = bf16[] parameter(0)
+  %b = bf16[] parameter(1)
+  ROOT %sum = bf16[] add(%a, %b)
+}
+
+ENTRY %main (x: bf16[4,16], i: s32[]) -> bf16[8,16] {
+  %x = bf16[4,16]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  %w = bf16[16,16]{1,0} constant({...})
+  %ag = bf16[8,16]{1,0} all-gather(%x), channel_id=1, replica_groups={{0,1}}, dimensions={0}
+  %agc = bf16[8,16]{1,0} copy(%ag)
+  %y = bf16[8,16]{1,0} dot(%agc, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %ar = bf16[8,16]{1,0} all-reduce(%y), channel_id=2, replica_groups={{0,1}}, to_apply=%add
+  %rs = bf16[4,16]{1,0} dynamic-slice(%ar, %i, %zero), dynamic_slice_sizes={4,16}
+  %z = bf16[8,16]{1,0} dot(%y, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %plain = bf16[8,16]{1,0} all-reduce(%z), channel_id=3, replica_groups={{0,1}}, to_apply=%add
+  %ag2 = bf16[8,16]{1,0} all-gather(%rs), channel_id=4, replica_groups={{0,1}}, dimensions={0}
+  ROOT %out = bf16[8,16]{1,0} add(%plain, %ag2)
+}
+"""
+
+
+def test_collectives_paired_with_dots_are_told_apart():
+    colls, flops, _ = plan.collectives_and_flops(PAIRS_HLO, (1, 2), ("fsdp", "tensor"), [0, 1], 8)
+    dot = 2 * 8 * 16 * 16
+    assert flops == 2 * dot
+    got = {(c.kind, c.with_dot): c for c in colls}
+    assert set(got) == {("all-gather", True), ("reduce-scatter", True), ("all-reduce", False), ("all-gather", False)}
+    # [executions, bytes on the wire, FLOPs of the paired dots, group size]
+    assert got["all-gather", True].pairs == [[1, 128, dot, 2]]
+    assert got["reduce-scatter", True].pairs == [[1, 128, dot, 2]]
+    assert got["all-reduce", False].pairs == got["all-gather", False].pairs == []
+
+
+def test_windowed_einsum_hides_at_most_the_paired_dots():
+    colls, flops, _ = plan.collectives_and_flops(PAIRS_HLO, (1, 2), ("fsdp", "tensor"), [0, 1], 8)
+    fig = {
+        "bytes": dict(arguments=0, temporaries=0, outputs=0, aliased=0),
+        "collectives": [dataclasses.asdict(c) for c in colls],
+        "hw_flops_per_device": flops,
+        "model_flops": flops,
+        "devices": 1,
+    }
+    # 1 s per 128 bytes over NVLink; 1 s per dot (4,096 FLOPs) at full efficiency.
+    est = lambda peak: plan.estimate(
+        fig, peak_tflops=peak, efficiency=1.0, nvlink_gbytes=128e-9, internode_gbits=400, limit_gb=80, reserve_gb=0
+    )
+    t = est(4096e-12)["time"]
+    # The plain all-reduce (2 × 1/2 × 256 bytes on the wire) and the unpaired gather (1/2 × 256) are
+    # exposed: 3 s. Each pair's transfer (1 s) hides under (g-1)/g = 1/2 of its dot (1 s): 0.5 s
+    # exposed each.
+    assert t["compute_s"] == pytest.approx(2.0) and t["intra_node_s"] == pytest.approx(3.0)
+    assert t["windowed_einsum_s"] == pytest.approx(2.0) and t["windowed_einsum_exposed_s"] == pytest.approx(1.0)
+    assert t["step_s"] == pytest.approx(6.0) and t["no_overlap_step_s"] == pytest.approx(7.0)
+    # Dots 4× slower (4 s each): half of one hides the whole transfer.
+    t = est(1024e-12)["time"]
+    assert t["windowed_einsum_exposed_s"] == 0 and t["step_s"] == pytest.approx(8.0 + 3.0)

@@ -26,9 +26,11 @@ from idefics_jax.models.idefics import Idefics, image_mask_of
 from idefics_jax.models.vision import HIDDEN
 
 # Logical axes of the caches: rows over the batch axes and heads over 'tensor', as the activations
-# and the q/k/v projections that produce them.
-SELF_CACHE_AXES = ("layers", None, "batch", "length", "heads", None)
-CROSS_CACHE_AXES = ("layers", "batch", "length", "heads", None)
+# and the q/k/v projections that produce them. The cache's positions are never split: under
+# sequence parallelism ('length' → 'tensor', e.g. the 80B config's few-shot evals during training)
+# 'length' would take 'tensor' from the heads and every decode step would write into one shard.
+SELF_CACHE_AXES = ("layers", None, "batch", None, "heads", None)
+CROSS_CACHE_AXES = ("layers", "batch", "vision_length", "heads", None)
 
 
 class Cache(NamedTuple):

@@ -23,7 +23,7 @@ from idefics_jax.models import layers as L
 from idefics_jax.models.cross_attention import GatedCrossAttentionLayer
 from idefics_jax.models.llama import DecoderLayer
 from idefics_jax.models.perceiver import PerceiverResampler
-from idefics_jax.models.vision import HIDDEN, VisionTransformer
+from idefics_jax.models.vision import HIDDEN, IMAGE_HIDDEN, VisionTransformer
 
 
 class DecoupledEmbedding(nnx.Module):
@@ -73,7 +73,10 @@ class DecoupledHead(nnx.Module):
 
 def _logits(h: jax.Array, w: jax.Array, extra: jax.Array | None, dtype) -> jax.Array:
     dot = lambda k: jnp.dot(h.astype(dtype), k.astype(dtype), preferred_element_type=jnp.float32)
-    out = dot(w)
+    # Vocabulary-parallel, pinned: the same pin on the gradient keeps the backward matmul local to
+    # each vocabulary shard (under sequence parallelism the partitioner otherwise gathers the whole
+    # head weight, in float32, every micro-batch).
+    out = sharding.constrain(dot(w), ("batch", None, "vocab"))
     return out if extra is None else jnp.concatenate([out, dot(extra)], axis=-1)
 
 
@@ -102,9 +105,13 @@ class Block(nnx.Module):
 
     def __call__(self, h: jax.Array, ctx: Context) -> jax.Array:
         """h [B, T, D] → [B, T, D]."""
-        h = L.checkpoint(lambda x: self.gated_cross_attn_layer(x, ctx.image_states, ctx.image_mask), self.remat)(h)
-        h = L.scan(self.layers, lambda layer, x: layer(x, ctx.cos, ctx.sin, ctx.mask), h, self.remat)
-        return sharding.constrain(h, HIDDEN)
+        # Every layer's output is pinned to the residual stream's layout (under sequence parallelism
+        # split over 'tensor' along the sequence), inside its remat region, so the scan carries and
+        # the saved residuals have that layout and each layer ends in a reduce-scatter.
+        xattn = lambda x: sharding.constrain(self.gated_cross_attn_layer(x, ctx.image_states, ctx.image_mask), HIDDEN)
+        h = L.checkpoint(xattn, self.remat)(h)
+        decoder = lambda layer, x: sharding.constrain(layer(x, ctx.cos, ctx.sin, ctx.mask), HIDDEN)
+        return L.scan(self.layers, decoder, h, self.remat)
 
 
 class Idefics(nnx.Module):
@@ -128,9 +135,9 @@ class Idefics(nnx.Module):
         # Images are split over the batch axes like the rows they belong to; unconstrained, the
         # partitioner may replicate the whole vision tower's work on every device.
         pixels = sharding.constrain(pixel_values.reshape(b * n, *pixel_values.shape[2:]), ("batch", None, None, None))
-        x = sharding.constrain(self.vision_model(pixels), HIDDEN)
+        x = sharding.constrain(self.vision_model(pixels), IMAGE_HIDDEN)
         if self.perceiver_resampler is not None:
-            x = sharding.constrain(self.perceiver_resampler(x), HIDDEN)
+            x = sharding.constrain(self.perceiver_resampler(x), IMAGE_HIDDEN)
         return x.reshape(b, n * x.shape[1], x.shape[2])
 
     def __call__(
@@ -180,7 +187,7 @@ class Idefics(nnx.Module):
                 raise ValueError("image_attention_mask [batch, seq_len, num_images] is required with pixel_values")
             n = pixel_values.shape[1]
             iam = _check_shape(image_attention_mask, (b, t, n), "image_attention_mask").astype(bool)
-            image_states = sharding.constrain(self.image_states(pixel_values), HIDDEN)
+            image_states = sharding.constrain(self.image_states(pixel_values), IMAGE_HIDDEN)
             image_mask = image_mask_of(iam, image_states.shape[1] // n)
 
         h = sharding.constrain(self.embed_tokens(input_ids), HIDDEN)
@@ -192,7 +199,9 @@ class Idefics(nnx.Module):
     def logits(self, h: jax.Array) -> jax.Array:
         """The last block's output h [B, T, D] → float32 logits [B, T, V + A] (final norm, then the
         head or, tied, the embedding transposed)."""
-        h = self.norm(h)
+        # The sequence whole before the vocabulary-parallel head: one gather of h into the head's
+        # matmul. Left split (sequence parallelism), the partitioner gathers the head's weight instead.
+        h = sharding.constrain(self.norm(h), ("batch", None, "act_embed"))
         if self.lm_head is not None:
             return self.lm_head(h)
         emb = self.embed_tokens

@@ -14,7 +14,7 @@ from flax import nnx
 from idefics_jax import sharding
 from idefics_jax.config import IdeficsConfig
 from idefics_jax.models import layers as L
-from idefics_jax.models.vision import HIDDEN
+from idefics_jax.models.vision import IMAGE_HIDDEN
 
 LN_EPS = 1e-5  # torch nn.LayerNorm default; HF builds these norms without an explicit eps.
 
@@ -99,6 +99,6 @@ class PerceiverResampler(nnx.Module):
         """context [M, S, E] → latents [M, n_latents, E] in the compute dtype."""
         latents = jnp.broadcast_to(self.latents[...].astype(self.dtype), (context.shape[0], *self.latents.shape))
         latents = L.scan(
-            self.blocks, lambda blk, lat: sharding.constrain(blk(context, lat), HIDDEN), latents, self.remat
+            self.blocks, lambda blk, lat: sharding.constrain(blk(context, lat), IMAGE_HIDDEN), latents, self.remat
         )
         return self.layer_norm(latents)

@@ -16,7 +16,10 @@ from idefics_jax import sharding
 from idefics_jax.config import IdeficsConfig, VisionConfig
 from idefics_jax.models import layers as L
 
-HIDDEN = ("batch", "length", "act_embed")
+HIDDEN = ("batch", "length", "act_embed")  # the text decoder's hidden state [B, T, D]
+# The vision tower's and perceiver's activations [M, S, E] and the image states: their own sequence
+# axis, so sequence parallelism of the decoder ('length' → 'tensor') leaves them unsplit.
+IMAGE_HIDDEN = ("batch", "vision_length", "act_embed")
 
 
 class VisionAttention(nnx.Module):
@@ -115,5 +118,5 @@ class VisionTransformer(nnx.Module):
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """pixels [M, C, H, W] (any float dtype) → [M, 1 + num_patches, E] in the compute dtype."""
-        x = sharding.constrain(self.pre_layrnorm(self.embeddings(pixels)), HIDDEN)
-        return L.scan(self.layers, lambda layer, h: sharding.constrain(layer(h), HIDDEN), x, self.remat)
+        x = sharding.constrain(self.pre_layrnorm(self.embeddings(pixels)), IMAGE_HIDDEN)
+        return L.scan(self.layers, lambda layer, h: sharding.constrain(layer(h), IMAGE_HIDDEN), x, self.remat)

@@ -19,10 +19,10 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 #    in MaxText's and NVIDIA JAX-Toolbox's GPU recipes): split every all-gather→matmul and
 #    matmul→reduce-scatter pair over 'tensor' into chunks passed around the ring while the
 #    previous chunk multiplies, on separate streams. It applies where the partitioner emits those
-#    pairs (activations split over 'tensor', e.g. sequence parallelism: sharding_rules 'length' →
-#    'tensor'); the default Megatron layout's tensor-parallel all-reduces are not such pairs, so
-#    the plan counts them as exposed (python -m idefics_jax.plan prints which collectives it
-#    counts as overlapped).
+#    pairs (activations split over 'tensor': sequence parallelism, sharding_rules 'length' →
+#    'tensor', as configs/80b.py sets); plain Megatron tensor-parallel all-reduces are not such
+#    pairs, so the plan counts them as exposed (python -m idefics_jax.plan prints which collectives
+#    it counts as overlapped).
 export XLA_FLAGS="${XLA_FLAGS:-} \
   --xla_gpu_enable_latency_hiding_scheduler=true \
   --xla_gpu_enable_highest_priority_async_stream=true \
