@@ -66,7 +66,13 @@ def test_zero1_equals_fsdp(runs, other):
         assert abs(ref[s] - got[s]) <= 1e-6, (s, ref[s], got[s])
     a, b = _params(runs / "fsdp", 20), _params(runs / other, 20)
     assert a.keys() == b.keys()
-    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    # The perceiver's key layer-norm bias adds the same q·b to every score of a query, which the
+    # softmax cancels: its exact gradient is 0, so Adam moves it by rounding noise alone (≈1e-6 after
+    # 20 steps), different noise under each reduction order. It must stay that small in both runs
+    # (a real gradient would move it by ~lr per step, 3e-3); every other parameter must agree.
+    noise = [k for k in a if k.endswith("k_layer_norm.bias")]
+    assert noise and all(max(np.abs(a[k]).max(), np.abs(b[k]).max()) < 1e-5 for k in noise), noise
+    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a if k not in noise)
     assert worst <= 1e-6, worst
 
 
