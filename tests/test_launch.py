@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -42,7 +43,9 @@ def one_process(workdir, steps: int) -> str:
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # An abort's own message comes before the thread dump that fills the tail: keep absl's fatal lines.
+    fatal = "\n".join(line for line in proc.stderr.splitlines() if re.match(r"[FE]\d{4} ", line))
+    assert proc.returncode == 0, fatal + "\n" + proc.stderr[-3000:]
     return proc.stderr
 
 
