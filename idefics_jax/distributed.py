@@ -21,6 +21,25 @@ from collections.abc import Callable, Mapping
 DEFAULT_PORT = 8476
 
 
+def fake_cpu_env(base: Mapping[str, str], devices: int) -> dict[str, str]:
+    """A copy of the environment `base` in which JAX starts with `devices` fake CPU devices.
+
+    XLA_FLAGS' device count is replaced (other flags kept), JAX_PLATFORMS=cpu, and NPROC (read by
+    XLA:CPU when it sizes its thread pool) is 4 × `devices` unless `base` sets it. XLA:CPU runs the
+    collectives of all fake devices on one pool of max(cores, devices) threads, and a collective holds
+    its thread until every peer has arrived; independent collectives of one program may run at once.
+    On a 2-core host 4 devices then parked all 4 threads in 4 different rendezvous, nobody could
+    arrive, and XLA aborted the process after 40 s (CI, 2026-11-30). The headroom costs nothing
+    measurable (tiny default on 4 devices: same losses, same step time).
+    """
+    env = dict(base)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    env["JAX_PLATFORMS"] = "cpu"
+    env.setdefault("NPROC", str(4 * devices))
+    return env
+
+
 def first_host(nodelist: str) -> str:
     """First hostname of a SLURM node list, e.g. 'gpu[003-005,010],cpu1' → 'gpu003'."""
     m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())

@@ -22,6 +22,8 @@ import subprocess
 import sys
 import threading
 
+from idefics_jax.distributed import fake_cpu_env
+
 
 def free_port() -> int:
     """A TCP port nobody listens on right now (for the coordinator)."""
@@ -32,12 +34,9 @@ def free_port() -> int:
 
 def process_env(base: dict[str, str], rank: int, n: int, devices: int, port: int) -> dict[str, str]:
     """The environment of process `rank` of `n` with `devices` fake CPU devices."""
-    env = dict(base)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env = fake_cpu_env(base, devices)
     env.update(
         {
-            "XLA_FLAGS": " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
-            "JAX_PLATFORMS": "cpu",
             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
             "JAX_NUM_PROCESSES": str(n),
             "JAX_PROCESS_ID": str(rank),

@@ -1,6 +1,10 @@
-"""idefics_jax.distributed: which processes, and where the coordinator is, from each launcher's environment."""
+"""idefics_jax.distributed: which processes, and where the coordinator is, from each launcher's environment;
+the environment of fake CPU devices."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -67,3 +71,35 @@ def test_one_process_is_a_no_op():
         distributed.settings({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"})
         is None
     )
+
+
+# Collectives inside a loop and independent ones beside it, on 8 fake devices: with XLA's default
+# pool (max(cores, devices) threads) this aborted 3 runs in 3 on the 2-core CI host, one device short
+# of a rendezvous; fake_cpu_env's NPROC headroom lets every device reach each collective.
+CONCURRENT_COLLECTIVES = """
+import jax, jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+mesh = Mesh(jax.devices(), ("d",))
+
+def body(x, y):
+    x = jax.lax.fori_loop(0, 4, lambda i, c: jnp.tanh(c @ c.T + jax.lax.psum(c, "d")), x)
+    for _ in range(6):
+        y = jnp.sin(jax.lax.psum(y, "d") @ y)
+    return x + y + jax.lax.all_gather(y, "d", tiled=True)[: y.shape[0]]
+
+f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=P("d")))
+x = y = jax.device_put(jnp.full((8 * 64, 64), 0.5), NamedSharding(mesh, P("d")))
+for _ in range(200):
+    x = f(x, y)
+print("finished", float(x.sum()))
+"""
+
+
+def test_fake_devices_have_threads_for_concurrent_collectives():
+    env = distributed.fake_cpu_env(os.environ, 8)
+    env["XLA_FLAGS"] += " --xla_cpu_collective_call_terminate_timeout_seconds=20"  # abort fast on a deadlock
+    proc = subprocess.run(
+        [sys.executable, "-c", CONCURRENT_COLLECTIVES], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "finished" in proc.stdout, proc.stderr[-2000:]

@@ -12,6 +12,8 @@ import sys
 import pytest
 from conftest import ROOT
 
+from idefics_jax.distributed import fake_cpu_env
+
 LOCAL = os.path.join(ROOT, "launch", "local.py")
 TRAIN = [
     "--config",
@@ -35,7 +37,7 @@ def losses(workdir) -> dict[int, float]:
 
 def one_process(workdir, steps: int) -> str:
     """The trainer as one process over 4 fake devices (the same mesh: fsdp 2 × tensor 2)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = fake_cpu_env(os.environ, 4)
     proc = subprocess.run(
         [sys.executable, "-m", "idefics_jax.train", *TRAIN, f"--config.train.steps={steps}", "--workdir", str(workdir)],
         env=env,
@@ -106,6 +108,8 @@ def test_process_environment():
         sys.path.pop(0)
     env = local.process_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_foo=1"}, 1, 3, 2, 1234)
     assert env["XLA_FLAGS"].split() == ["--xla_foo=1", "--xla_force_host_platform_device_count=2"]
+    assert (env["JAX_PLATFORMS"], env["NPROC"]) == ("cpu", "8")
+    assert local.process_env({"NPROC": "3"}, 0, 1, 2, 1234)["NPROC"] == "3"
     assert (env["JAX_COORDINATOR_ADDRESS"], env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"]) == (
         "127.0.0.1:1234",
         "3",

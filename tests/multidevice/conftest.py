@@ -7,9 +7,10 @@ pytest invocation (tests/test_multidevice.py starts it as part of the main suite
 
 import os
 
+from idefics_jax.distributed import fake_cpu_env
+
 DEVICES = int(os.environ.get("IDEFICS_TEST_DEVICES", "8"))
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.update(fake_cpu_env(os.environ, DEVICES))
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
