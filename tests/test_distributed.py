@@ -74,7 +74,7 @@ def test_one_process_is_a_no_op():
 
 
 # Collectives inside a loop and independent ones beside it, on 8 fake devices: with XLA's default
-# pool (max(cores, devices) threads) this aborted 3 runs in 3 on the 2-core CI host, one device short
+# pool (max(cores, devices) threads) this aborted 3 runs in 3 on a 2-core host, one device short
 # of a rendezvous; fake_cpu_env's NPROC headroom lets every device reach each collective.
 CONCURRENT_COLLECTIVES = """
 import jax, jax.numpy as jnp
