@@ -1,19 +1,31 @@
 """Our train step vs transformers' IdeficsForVisionText2Text + torch.optim.AdamW, side by side.
 
     python benchmarks/train_step.py [--steps 10] [--batch 4] [--seq 256] [--hidden 256] [--layers 8]
+    python benchmarks/train_step.py --preset 9b --layers 4 --dtype bfloat16 --attention xla,cudnn  # GPU
 
 Same model config, same batch, same freezing (the published flags: vision tower, LLaMA layers and
-base vocabulary frozen), fp32 on this CPU, one process. Each side: AdamW (weight decay 0.1),
-global-norm clipping at 1.0, masked next-token cross-entropy (z-loss off: HF has none). Prints
-tokens/s of each and their ratio, the forward pass alone (ours jitted vs HF's eager
-`torch.no_grad()` in eval mode, same batch), and our achieved FLOP/s (model FLOPs, train/metrics.py) against
-the fp32 matmul FLOP/s of XLA and of torch measured in the same process (the speed-up a step made
-of matmuls can reach is XLA's matmul rate over HF's achieved rate). Prints only; nothing is asserted.
+base vocabulary frozen), one process. Each side: AdamW (weight decay 0.1), global-norm clipping at
+1.0, masked next-token cross-entropy (z-loss off: HF has none). Prints tokens/s of each and their
+ratio, the forward pass alone (ours jitted vs HF's eager `torch.no_grad()` in eval mode, same
+batch), and our achieved FLOP/s (model FLOPs, train/metrics.py) against the matmul FLOP/s of XLA and
+of torch measured in the same process (the speed-up a step made of matmuls can reach is XLA's matmul
+rate over HF's achieved rate). Prints only; nothing is asserted.
+
+`--preset small` (default) is a small IDEFICS at `--hidden`, fp32, both sides from the same weights
+(first-step losses printed side by side). `--preset 9b` / `80b` are the published widths (LLaMA-7B /
+-65B layers, ViT-H/14, the resampler) with `--layers` LLaMA layers and `--vision-layers` ViT layers,
+for a GPU: `--dtype bfloat16` is our GPU recipe (bf16 compute, fp32 trainable params, bf16 frozen
+params) against HF under `torch.autocast(bfloat16)` with fp32 params (HF Trainer's `bf16=True`) and
+fused AdamW; HF then initialises its own weights on the device (copying billions of parameters
+through the host would cost more than the run). `--attention` takes a comma list of our kernels,
+each timed in turn.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -75,6 +87,17 @@ def model_config(hidden: int = 256, layers: int = 8) -> IdeficsConfig:
     )
 
 
+def preset_config(preset: str, layers: int, vision_layers: int) -> IdeficsConfig:
+    """The published IDEFICS at the 9B or 80B width with `layers` LLaMA layers and `vision_layers`
+    ViT-H layers (the resampler whole)."""
+    widths = {
+        "9b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, rms_norm_eps=1e-6),
+        "80b": dict(hidden_size=8192, intermediate_size=22016, num_attention_heads=64, rms_norm_eps=1e-5),
+    }
+    cfg = common.published(num_hidden_layers=layers, **widths[preset])
+    return cfg.replace(vision=dataclasses.replace(cfg.vision, num_hidden_layers=vision_layers))
+
+
 def batch(cfg: IdeficsConfig, b: int, t: int, n: int) -> dict[str, np.ndarray]:
     """A synthetic batch in the schema's layout (data/schema.py): random tokens, every token a target,
     image i seen from position i·t/n on."""
@@ -94,11 +117,13 @@ def batch(cfg: IdeficsConfig, b: int, t: int, n: int) -> dict[str, np.ndarray]:
     )
 
 
-def setup_ours(cfg: IdeficsConfig, data: dict) -> tuple[Callable, Callable, dict, dict, dict]:
-    """(jitted train step, jitted forward `(state, batch) -> float32 logits [B, T, V]`, initial state,
-    the batch on device, params as HF tensors) for `data`."""
+def setup_ours(cfg: IdeficsConfig, data: dict, want_weights: bool) -> tuple[Callable, Callable, dict, dict, dict]:
+    """(jitted train step, jitted forward `(state, batch) -> logits [B, T, V]`, initial state, the
+    batch on device, params as float32 HF tensors or {} unless `want_weights`) for `data`. Frozen
+    params are stored in the compute dtype (the GPU configs' `train.frozen_dtype`)."""
     b, t = data["input_ids"].shape
     c = common.base(cfg)
+    c.train.frozen_dtype = cfg.dtype
     c.mesh.fsdp = 1
     c.data.update(global_batch_size=b, seq_len=t, max_num_images=data["pixel_values"].shape[1])
     c.data.update(image_size=cfg.vision.image_size, tokenizer_path="(synthetic batch)")
@@ -108,10 +133,9 @@ def setup_ours(cfg: IdeficsConfig, data: dict) -> tuple[Callable, Callable, dict
     check_batch(data, c.data, b)
     lay = state_lib.layout(run_config.parse(c, files=False), sharding.make_mesh(c.mesh))
     state = state_lib.init(lay, 0)
+    flat = dict(_flat(state_lib.full_params(state))) if want_weights else {}
     weights = {
-        name: t
-        for e in hf.entries(cfg)
-        for name, t in hf.iter_hf(e, np.asarray(dict(_flat(state_lib.full_params(state)))[e.path]))
+        name: t for e in hf.entries(cfg) if flat for name, t in hf.iter_hf(e, np.asarray(flat[e.path], np.float32))
     }
     step = make_train_step(lay, 0.0, 1, 1)
     forward = jax.jit(lambda s, x: nnx.merge(lay.graphdef, s["params"], s["frozen"])(**{k: x[k] for k in MODEL_INPUTS}))
@@ -123,11 +147,13 @@ def step_args(state: dict, x: dict) -> tuple:
     return state, x, jnp.float32(np.inf), jnp.float32(1.0)
 
 
-def time_ours(cfg: IdeficsConfig, data: dict, steps: int) -> tuple[float, float, float, dict]:
-    """(seconds per train step, seconds per forward, first loss, params as HF tensors), jitted."""
-    step, forward, state, x, weights = setup_ours(cfg, data)
+def time_ours(cfg: IdeficsConfig, data: dict, steps: int, want_weights: bool) -> tuple[float, float, float, dict]:
+    """(seconds per train step, seconds per forward, first loss, params as HF tensors or {}), jitted."""
+    step, forward, state, x, weights = setup_ours(cfg, data, want_weights)
+    start = time.perf_counter()
     state, m = step(*step_args(state, x))  # compile
     first = float(m["loss"])
+    print(f"  [{cfg.attention}] compile + first step {time.perf_counter() - start:.1f} s", flush=True)
     jax.block_until_ready(state)
     start = time.perf_counter()
     for _ in range(steps):
@@ -146,11 +172,15 @@ def _flat(params):
     return [(tuple(str(k) for k in p), v.get_value()) for p, v in nnx.to_flat_state(params)]
 
 
-def time_hf(cfg: IdeficsConfig, data: dict, steps: int, weights: dict) -> tuple[float, float, float]:
+def time_hf(cfg: IdeficsConfig, data: dict, steps: int, weights: dict, device: str) -> tuple[float, float, float]:
     """(seconds per train step, seconds per `torch.no_grad()` eval-mode forward, first loss) of HF's
-    model with torch AdamW, from the same weights, eager."""
-    model = IdeficsForVisionText2Text(HFConfig(**cfg.to_hf()))
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=True)
+    model with torch AdamW, eager, on torch `device`: from `weights` (float32 HF tensors) unless
+    empty (then HF's own init, on the device). fp32 params; under `torch.autocast` when
+    `cfg.dtype` is bfloat16."""
+    with torch.device(device):
+        model = IdeficsForVisionText2Text(HFConfig(**cfg.to_hf()))
+    if weights:
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=True)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
@@ -160,54 +190,85 @@ def time_hf(cfg: IdeficsConfig, data: dict, steps: int, weights: dict) -> tuple[
         lr=1e-4,
         betas=(0.9, 0.999),
         eps=1e-8,
+        fused=device != "cpu",
     )
     x = {
-        k: torch.from_numpy(data[k]).long() if data[k].dtype == np.int32 else torch.from_numpy(data[k])
+        k: (torch.from_numpy(data[k]).long() if data[k].dtype == np.int32 else torch.from_numpy(data[k])).to(device)
         for k in ("input_ids", "attention_mask", "pixel_values", "image_attention_mask")
     }
-    mask = torch.from_numpy(data["loss_mask"])[:, 1:]
+    mask = torch.from_numpy(data["loss_mask"])[:, 1:].to(device)
+    autocast = (
+        torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
+        if cfg.dtype == "bfloat16"
+        else contextlib.nullcontext()
+    )
 
     def one_step():
         opt.zero_grad(set_to_none=True)
-        logits = model(**x, use_cache=False).logits[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x["input_ids"][:, 1:], reduction="none")
-        loss = (nll * mask).sum() / mask.sum()
+        with autocast:
+            logits = model(**x, use_cache=False).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(
+                logits.float().transpose(1, 2), x["input_ids"][:, 1:], reduction="none"
+            )
+            loss = (nll * mask).sum() / mask.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
-        return float(loss)
+        return loss.detach()
 
-    first = one_step()
+    first = float(one_step())
+    _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         one_step()
+    _sync(device)
     train = (time.perf_counter() - start) / steps
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         model(**x, use_cache=False)
+        _sync(device)
         start = time.perf_counter()
         for _ in range(steps):
             model(**x, use_cache=False)
+        _sync(device)
     return train, (time.perf_counter() - start) / steps, first
 
 
-def matmul_flops(n: int = 1024, reps: int = 20) -> tuple[float, float]:
-    """(XLA, torch) fp32 FLOP/s of a chain of n×n matmuls, in this process: each framework's own
-    ceiling for a step made of matmuls."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: (x @ x) * 1e-3)
+def _sync(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
+def matmul_flops(device: str, dtype: str, n: int, reps: int = 20) -> tuple[float, float]:
+    """(XLA, torch) FLOP/s of a chain of n×n matmuls in `dtype`, in this process: each framework's
+    own ceiling for a step made of matmuls (torch on `device`)."""
+    a = jnp.full((n, n), 1.0 / n, dtype)
+    f = jax.jit(lambda x: x @ x)
     jax.block_until_ready(f(a))
     start = time.perf_counter()
     for _ in range(reps):
         a = f(a)
     jax.block_until_ready(a)
     xla = 2 * n**3 * reps / (time.perf_counter() - start)
-    t = torch.ones(n, n)
-    t = (t @ t) * 1e-3
+    t = torch.full((n, n), 1.0 / n, dtype=getattr(torch, dtype), device=device)
+    t = t @ t
+    _sync(device)
     start = time.perf_counter()
     for _ in range(reps):
-        t = (t @ t) * 1e-3
+        t = t @ t
+    _sync(device)
     return xla, 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def _memory() -> str:
+    """Peak device memory of this process so far (JAX, and torch on a GPU), or '' on the CPU."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" not in stats:
+        return ""
+    out = f"peak memory: ours {stats['peak_bytes_in_use'] / 2**30:.1f} GiB"
+    if torch.cuda.is_available():
+        out += f", HF {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    return out
 
 
 def main():
@@ -216,38 +277,71 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--images", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=256, help="LLaMA width (heads of 32)")
+    ap.add_argument("--preset", choices=("small", "9b", "80b"), default="small")
+    ap.add_argument("--hidden", type=int, default=256, help="LLaMA width of the small preset (heads of 32)")
     ap.add_argument("--layers", type=int, default=8, help="LLaMA layers (a gated cross-attention every 4)")
+    ap.add_argument("--vision-layers", type=int, default=2, help="ViT-H layers of the 9b/80b presets")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    ap.add_argument("--attention", default="xla", help="comma list of model.attention kernels to time")
+    ap.add_argument("--remat", default=None, help="model.remat (default: the preset's)")
+    ap.add_argument("--no-hf", action="store_true", help="time ours only")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = model_config(args.hidden, args.layers)
+    small = args.preset == "small"
+    cfg = (
+        model_config(args.hidden, args.layers) if small else preset_config(args.preset, args.layers, args.vision_layers)
+    )
+    cfg = cfg.replace(dtype=args.dtype, **({"remat": args.remat} if args.remat else {}))
+    platform = jax.devices()[0].platform
+    device = "cuda" if platform == "gpu" else "cpu"
     data = batch(cfg, args.batch, args.seq, args.images)
     tokens = args.batch * args.seq
-    ours, ours_fwd, our_loss, weights = time_ours(cfg, data, args.steps)
-    theirs, theirs_fwd, hf_loss = time_hf(cfg, data, args.steps, weights)
     flops = model_flops_per_step(cfg, args.batch, args.seq, args.images)
-    peak, torch_peak = matmul_flops()
+    peak, torch_peak = matmul_flops(device, args.dtype, 1024 if device == "cpu" else 8192)
     print(
-        f"config: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} LLaMA layers (+{cfg.num_blocks} gated "
-        f"xattn), ViT {cfg.vision.embed_dim}x{cfg.vision.num_hidden_layers}; batch {args.batch} x {args.seq} "
-        f"tokens, {args.images} images/row; fp32, {jax.devices()[0].platform}, {os.cpu_count()} cores"
+        f"config: {args.preset}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} LLaMA layers (+{cfg.num_blocks} "
+        f"gated xattn), ViT {cfg.vision.embed_dim}x{cfg.vision.num_hidden_layers}; batch {args.batch} x {args.seq} "
+        f"tokens, {args.images} images/row; {args.dtype}, remat {cfg.remat}, {platform} "
+        f"({jax.devices()[0].device_kind}), {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__}",
+        flush=True,
     )
-    print(f"first-step loss: ours {our_loss:.5f}  HF {hf_loss:.5f}  (same weights, same batch)")
-    print(f"idefics_jax step: {ours * 1e3:8.1f} ms  {tokens / ours:9.0f} tokens/s")
-    print(f"HF + torch AdamW: {theirs * 1e3:8.1f} ms  {tokens / theirs:9.0f} tokens/s")
-    print(f"speed-up (ours / HF tokens/s): {theirs / ours:.2f}x")
+    ours = {}
+    weights = {}
+    for impl in args.attention.split(","):
+        try:
+            ours[impl] = time_ours(cfg.replace(attention=impl), data, args.steps, want_weights=small and not weights)
+        except Exception as e:  # one kernel failing (e.g. cuDNN refusing a shape) must not hide the others
+            print(f"idefics_jax step [{impl}]: FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+            continue
+        weights = weights or ours[impl][3]
+        step_s, fwd_s, loss = ours[impl][:3]
+        print(
+            f"idefics_jax step [{impl}]: {step_s * 1e3:8.1f} ms  {tokens / step_s:9.0f} tokens/s  "
+            f"{flops / step_s / 1e12:.3g} TFLOP/s = {flops / step_s / peak:.0%} of XLA's matmul rate; "
+            f"forward {fwd_s * 1e3:.1f} ms; first-step loss {loss:.5f}",
+            flush=True,
+        )
+    if not args.no_hf:
+        theirs, theirs_fwd, hf_loss = time_hf(cfg, data, args.steps, weights, device)
+        print(
+            f"HF + torch AdamW: {theirs * 1e3:8.1f} ms  {tokens / theirs:9.0f} tokens/s  forward "
+            f"{theirs_fwd * 1e3:.1f} ms; first-step loss {hf_loss:.5f} "
+            + ("(same weights, same batch)" if weights else "(HF's own init)")
+        )
+        for impl, (step_s, fwd_s, _, _) in ours.items():
+            print(
+                f"speed-up [{impl}] (ours / HF tokens/s): train {theirs / step_s:.2f}x, forward only "
+                f"(HF no_grad) {theirs_fwd / fwd_s:.2f}x"
+            )
+        print(
+            f"HF's achieved {flops / theirs / 1e12:.3g} TFLOP/s = {flops / theirs / torch_peak:.0%} of torch's "
+            f"{torch_peak / 1e12:.3g} TFLOP/s matmul rate; ours / HF can reach at most "
+            f"{peak / (flops / theirs):.2f}x while matmuls dominate"
+        )
     print(
-        f"forward only: ours {ours_fwd * 1e3:.1f} ms, HF no_grad {theirs_fwd * 1e3:.1f} ms: {theirs_fwd / ours_fwd:.2f}x"
+        f"matmul rate measured here: XLA {peak / 1e12:.3g} TFLOP/s, torch {torch_peak / 1e12:.3g} TFLOP/s ({args.dtype})"
     )
-    print(
-        f"our achieved {flops / ours / 1e9:.1f} GFLOP/s of model FLOPs = {flops / ours / peak:.0%} of the "
-        f"{peak / 1e9:.1f} GFLOP/s fp32 matmul peak measured here (XLA, 1024 x 1024)"
-    )
-    print(
-        f"HF's achieved {flops / theirs / 1e9:.1f} GFLOP/s = {flops / theirs / torch_peak:.0%} of torch's "
-        f"{torch_peak / 1e9:.1f} GFLOP/s matmul peak; ours / HF can reach at most "
-        f"{peak / (flops / theirs):.2f}x while matmuls dominate"
-    )
+    print(_memory())
 
 
 if __name__ == "__main__":

@@ -93,8 +93,13 @@ def _reference_attention(q, k, v, mask, scale, impl="xla"):
 _DENSE: dict[tuple[int, int], np.ndarray] = {}
 
 
+def _fused_as_on_gpu(q, k, v, mask, scale, impl="xla"):
+    """The 'cudnn' kernel's mask translation (`_fused`), run by XLA's implementation of the same call."""
+    return L._fused(q, k, v, mask, scale, "xla")
+
+
 @functools.cache
-def _logits_and_grads(attention: str, reference: bool = False):
+def _logits_and_grads(attention: str, reference: bool = False, kernel=None):
     batch = _batch()
     graphdef, state = nnx.split(Idefics(_config(attention), rngs=nnx.Rngs(0)))
     weights = jnp.asarray(np.random.default_rng(1).standard_normal((4, T, 130)).astype(np.float32))
@@ -107,8 +112,9 @@ def _logits_and_grads(attention: str, reference: bool = False):
     if reference:
         self_mask, cross_mask = _dense_masks(batch)
         _DENSE.update({(T, T): self_mask, (T, cross_mask.shape[-1]): cross_mask})
+    if reference or kernel is not None:
         original = L.attention
-        L.attention = _reference_attention
+        L.attention = _reference_attention if reference else kernel
         try:
             (_, logits), grads = jax.jit(fn)(state)
         finally:
@@ -136,11 +142,16 @@ def test_structure_gives_the_dense_masks():
     assert not self_mask[1, 0, :30].any(-1).any() and not cross_mask[2].any()
 
 
-@pytest.mark.parametrize("attention", ["xla", "blockwise", "cudnn"])
+@pytest.mark.parametrize("attention", ["xla", "blockwise", "cudnn", "cudnn-masks"])
 def test_every_kernel_gives_the_dense_mask_logits_and_gradients(attention):
+    """'cudnn' falls back to 'xla' on this CPU; 'cudnn-masks' runs what it hands cuDNN on a GPU
+    (`_fused`: the structure as a dense mask, dead rows zeroed) through XLA's implementation."""
     assert T > L.BLOCK and T % L.BLOCK, "the blockwise kernel must run full and partial key blocks"
     ref_logits, ref_grads = _logits_and_grads("xla", reference=True)
-    logits, grads = _logits_and_grads(attention)
+    if attention == "cudnn-masks":
+        logits, grads = _logits_and_grads("xla", kernel=_fused_as_on_gpu)
+    else:
+        logits, grads = _logits_and_grads(attention)
     assert ref_logits.std() > 0.1
     np.testing.assert_allclose(logits, ref_logits, atol=2e-5, rtol=0)
     assert len(grads) == len(ref_grads)

@@ -206,18 +206,15 @@ def attention(
                  recomputes the probabilities (one extra q·kᵀ; no [B, N, T, S] residual)
       blockwise  flash-style: keys in blocks of BLOCK with an online softmax; the custom VJP
                  recomputes each block's probabilities from the saved log-sum-exp (memory O(T), not O(T·S))
-      cudnn      `jax.nn.dot_product_attention(implementation="cudnn")` where cuDNN can express the
-                 call (GPU, bf16/fp16, head dim a multiple of 8, no mask or causal only); otherwise xla,
-                 with the reason logged once.
+      cudnn      `jax.nn.dot_product_attention(implementation="cudnn")` on GPU with bf16/fp16 and a
+                 head dim that is a multiple of 8 (`_fused`); otherwise xla, with the reason logged once.
     """
     if impl not in ("xla", "blockwise", "cudnn"):
         raise ValueError(f"attention impl={impl!r}; expected one of ('xla', 'blockwise', 'cudnn')")
     if impl == "cudnn":
-        reason = _cudnn_refusal(q, mask)
+        reason = _cudnn_refusal(q)
         if reason is None:
-            causal = mask is not None and mask.q_pos is not None
-            out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation="cudnn")
-            return out.reshape(*out.shape[:2], -1)
+            return _fused(q, k, v, mask, scale, "cudnn")
         if reason not in _logged:
             _logged.add(reason)
             logging.getLogger(__name__).warning("attention='cudnn' falls back to 'xla': %s", reason)
@@ -232,21 +229,43 @@ def attention(
         return out.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[1], -1)
 
 
-def _cudnn_refusal(q: jax.Array, mask: Mask | None) -> str | None:
-    """Why cuDNN's fused attention cannot run this call exactly (None: it can)."""
+def _cudnn_refusal(q: jax.Array) -> str | None:
+    """Why cuDNN's fused attention cannot run this call (None: it can)."""
     if jax.default_backend() != "gpu":
         return f"no GPU (backend {jax.default_backend()!r})"
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"compute dtype {q.dtype} (cuDNN needs bfloat16 or float16)"
     if q.shape[-1] % 8:
         return f"head dim {q.shape[-1]} (cuDNN needs a multiple of 8)"
-    if mask is not None and mask.segmented:
-        return "packed segments or per-image cross-attention masks"
-    if mask is not None and mask.kv_valid is not None:
-        return "a padding mask (cuDNN's sequence lengths express right padding only)"
-    if mask is not None and mask.q_pos is not None and mask.q_pos.shape[1] != mask.kv_pos.shape[1]:
-        return "causal attention over a cache longer than the queries"
     return None
+
+
+def _fused(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask | None, scale: float, implementation: str | None
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` on q [B, T, N, H], k, v [B, S, N, H] → [B, T, N*H].
+
+    Plain causality (one segment, no padding, T = S) goes as `is_causal`; any other mask as the
+    dense boolean `Mask.allowed()` [B, 1, T, S], which the kernel applies as an additive bias (cuDNN
+    builds it inside the fused call; no [B, N, T, S] scores reach memory). A bias cannot express a
+    query that sees no key (its softmax would spread over the masked keys), so those rows are zeroed
+    afterwards, as `attention` defines them.
+    """
+    plain_causal = (
+        mask is not None
+        and mask.q_pos is not None
+        and mask.kv_valid is None
+        and not mask.segmented
+        and q.shape[1] == k.shape[1]
+    )
+    if mask is None or plain_causal:
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=plain_causal, implementation=implementation)
+    else:
+        allowed = mask.allowed()
+        out = jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=scale, implementation=implementation)
+        seen = allowed[:, 0].any(-1)  # [B, T]
+        out = jnp.where(seen[:, :, None, None], out, jnp.zeros((), out.dtype))
+    return out.reshape(*out.shape[:2], -1)
 
 
 def _scores(q: jax.Array, k: jax.Array, allowed: jax.Array | None, scale: float) -> jax.Array:
