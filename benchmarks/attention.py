@@ -67,6 +67,7 @@ def main():
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--kernels", default="xla,blockwise,cudnn")
+    ap.add_argument("--masks", default="causal,packed,cross")
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
     b, t, n, h = args.batch, args.seq, args.heads, args.head_dim
@@ -78,6 +79,8 @@ def main():
     print(f"{'mask':8s} {'kernel':10s} {'ms':>9s} {'out err':>9s} {'dq err':>9s} {'dk err':>9s} {'dv err':>9s}")
     rng = np.random.default_rng(0)
     for name, (mask, s) in masks(b, t, args.images).items():
+        if name not in args.masks.split(","):
+            continue
         q32 = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
         k32, v32 = (jnp.asarray(rng.standard_normal((b, s, n, h)), jnp.float32) for _ in range(2))
         w = jnp.asarray(rng.standard_normal((b, t, n * h)), jnp.float32)

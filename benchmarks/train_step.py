@@ -241,8 +241,11 @@ def _sync(device: str) -> None:
 
 def matmul_flops(device: str, dtype: str, n: int, reps: int = 20) -> tuple[float, float]:
     """(XLA, torch) FLOP/s of a chain of n×n matmuls in `dtype`, in this process: each framework's
-    own ceiling for a step made of matmuls (torch on `device`)."""
-    a = jnp.full((n, n), 1.0 / n, dtype)
+    own ceiling for a step made of matmuls (torch on `device`). Random operands (constant ones run
+    faster on a GPU than real data does), scaled so that the chain neither grows nor vanishes."""
+    a = (np.random.default_rng(0).standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
+    t = torch.from_numpy(a).to(device=device, dtype=getattr(torch, dtype))
+    a = jnp.asarray(a, dtype)
     f = jax.jit(lambda x: x @ x)
     jax.block_until_ready(f(a))
     start = time.perf_counter()
@@ -250,7 +253,6 @@ def matmul_flops(device: str, dtype: str, n: int, reps: int = 20) -> tuple[float
         a = f(a)
     jax.block_until_ready(a)
     xla = 2 * n**3 * reps / (time.perf_counter() - start)
-    t = torch.full((n, n), 1.0 / n, dtype=getattr(torch, dtype), device=device)
     t = t @ t
     _sync(device)
     start = time.perf_counter()
@@ -260,13 +262,13 @@ def matmul_flops(device: str, dtype: str, n: int, reps: int = 20) -> tuple[float
     return xla, 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def _memory() -> str:
-    """Peak device memory of this process so far (JAX, and torch on a GPU), or '' on the CPU."""
+def _memory(hf_ran: bool) -> str:
+    """Peak device memory of this process so far (JAX, and torch's if HF ran on a GPU), or '' on the CPU."""
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" not in stats:
         return ""
     out = f"peak memory: ours {stats['peak_bytes_in_use'] / 2**30:.1f} GiB"
-    if torch.cuda.is_available():
+    if hf_ran and torch.cuda.is_available():
         out += f", HF {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
     return out
 
@@ -341,7 +343,7 @@ def main():
     print(
         f"matmul rate measured here: XLA {peak / 1e12:.3g} TFLOP/s, torch {torch_peak / 1e12:.3g} TFLOP/s ({args.dtype})"
     )
-    print(_memory())
+    print(_memory(not args.no_hf))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ def published(
     LLaMA vocab 32000 + 2 additional tokens (<fake_token_around_image>, <image>), a gated
     cross-attention block before every 4th LLaMA layer, qk layer norms in both the cross-attention
     and the perceiver, float gates initialised at zero, a 6-layer perceiver resampler to 64 latents,
-    the ViT-H/14 vision tower; vision and LLaMA frozen (only the new parts train), bf16 compute.
+    the ViT-H/14 vision tower; vision and LLaMA frozen (only the new parts train), bf16 compute,
+    cuDNN attention.
     """
     return IdeficsConfig(
         vocab_size=32000,
@@ -72,6 +73,9 @@ def published(
         dtype="bfloat16",
         param_dtype="float32",
         remat="full",
+        # cuDNN's fused attention: on one H200 the 9B/80B-width train step is 8% / 3% faster than
+        # with 'xla' (README, "Measured"); off a GPU it falls back to 'xla' and logs why.
+        attention="cudnn",
     )
 
 
