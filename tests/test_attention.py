@@ -168,6 +168,21 @@ def test_cudnn_falls_back_with_a_reason(caplog):
     assert any("falls back to 'xla'" in r.getMessage() for r in caplog.records)
 
 
+def test_cudnn_refuses_what_it_cannot_run_on_a_gpu(monkeypatch):
+    """What `cudnn` would hand cuDNN on a GPU, decided on this CPU (the backend check patched)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    bf16 = lambda t, h=8: jnp.zeros((1, t, 2, h), jnp.bfloat16)
+    slots = lambda t: jnp.arange(t)[None]
+    causal = lambda t: L.Mask(q_pos=slots(t), kv_pos=slots(t))
+    padded = lambda t: L.Mask(kv_valid=jnp.ones((1, t), bool), q_pos=slots(t), kv_pos=slots(t))
+    assert L._cudnn_refusal(bf16(7), bf16(7), causal(7)) is None  # is_causal: no bias, any length
+    assert L._cudnn_refusal(bf16(8), bf16(8), padded(8)) is None
+    assert "even lengths" in L._cudnn_refusal(bf16(7), bf16(7), padded(7))
+    assert "even lengths" in L._cudnn_refusal(bf16(1), bf16(8), causal(8)._replace(q_pos=slots(1)))  # a decode step
+    assert "head dim 12" in L._cudnn_refusal(bf16(8, 12), bf16(8, 12), None)
+    assert "float32" in L._cudnn_refusal(jnp.zeros((1, 8, 2, 8)), jnp.zeros((1, 8, 2, 8)), None)
+
+
 def test_attention_field_is_validated():
     with pytest.raises(ValueError, match=r"attention='flash'.*'xla', 'blockwise', 'cudnn'"):
         _config("flash")

@@ -212,7 +212,7 @@ def attention(
     if impl not in ("xla", "blockwise", "cudnn"):
         raise ValueError(f"attention impl={impl!r}; expected one of ('xla', 'blockwise', 'cudnn')")
     if impl == "cudnn":
-        reason = _cudnn_refusal(q)
+        reason = _cudnn_refusal(q, k, mask)
         if reason is None:
             return _fused(q, k, v, mask, scale, "cudnn")
         if reason not in _logged:
@@ -229,7 +229,7 @@ def attention(
         return out.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[1], -1)
 
 
-def _cudnn_refusal(q: jax.Array) -> str | None:
+def _cudnn_refusal(q: jax.Array, k: jax.Array, mask: Mask | None) -> str | None:
     """Why cuDNN's fused attention cannot run this call (None: it can)."""
     if jax.default_backend() != "gpu":
         return f"no GPU (backend {jax.default_backend()!r})"
@@ -237,7 +237,25 @@ def _cudnn_refusal(q: jax.Array) -> str | None:
         return f"compute dtype {q.dtype} (cuDNN needs bfloat16 or float16)"
     if q.shape[-1] % 8:
         return f"head dim {q.shape[-1]} (cuDNN needs a multiple of 8)"
+    if _as_bias(q, k, mask) and (q.shape[1] % 2 or k.shape[1] % 2):
+        return f"{q.shape[1]} queries × {k.shape[1]} keys with a mask (cuDNN's bias needs even lengths)"
     return None
+
+
+def _plain_causal(q: jax.Array, k: jax.Array, mask: Mask | None) -> bool:
+    """Whether `mask` is causality alone over as many keys as queries (cuDNN's `is_causal`)."""
+    return (
+        mask is not None
+        and mask.q_pos is not None
+        and mask.kv_valid is None
+        and not mask.segmented
+        and q.shape[1] == k.shape[1]
+    )
+
+
+def _as_bias(q: jax.Array, k: jax.Array, mask: Mask | None) -> bool:
+    """Whether `_fused` hands `mask` to the kernel as a dense boolean (anything but none or plain causality)."""
+    return mask is not None and any(x is not None for x in mask) and not _plain_causal(q, k, mask)
 
 
 def _fused(
@@ -245,21 +263,15 @@ def _fused(
 ) -> jax.Array:
     """`jax.nn.dot_product_attention` on q [B, T, N, H], k, v [B, S, N, H] → [B, T, N*H].
 
-    Plain causality (one segment, no padding, T = S) goes as `is_causal`; any other mask as the
-    dense boolean `Mask.allowed()` [B, 1, T, S], which the kernel applies as an additive bias (cuDNN
-    builds it inside the fused call; no [B, N, T, S] scores reach memory). A bias cannot express a
-    query that sees no key (its softmax would spread over the masked keys), so those rows are zeroed
+    Plain causality (`_plain_causal`) goes as `is_causal`; any other mask as the dense boolean
+    `Mask.allowed()` [B, 1, T, S], which the kernel applies as an additive bias (cuDNN builds it
+    inside the fused call; no [B, N, T, S] scores reach memory). A bias cannot express a query that
+    sees no key (its softmax would spread over the masked keys), so those rows are zeroed
     afterwards, as `attention` defines them.
     """
-    plain_causal = (
-        mask is not None
-        and mask.q_pos is not None
-        and mask.kv_valid is None
-        and not mask.segmented
-        and q.shape[1] == k.shape[1]
-    )
-    if mask is None or plain_causal:
-        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=plain_causal, implementation=implementation)
+    if not _as_bias(q, k, mask):
+        causal = _plain_causal(q, k, mask)
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation=implementation)
     else:
         allowed = mask.allowed()
         out = jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=scale, implementation=implementation)
