@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from idefics_jax import sharding
+
 Axes = tuple[str | None, ...]
 
 
@@ -267,13 +269,15 @@ def _fused(
     `Mask.allowed()` [B, 1, T, S], which the kernel applies as an additive bias (cuDNN builds it
     inside the fused call; no [B, N, T, S] scores reach memory). A bias cannot express a query that
     sees no key (its softmax would spread over the masked keys), so those rows are zeroed
-    afterwards, as `attention` defines them.
+    afterwards, as `attention` defines them. Under a mesh the operands are split by batch and heads
+    only: cuDNN's partitioning rejects a split sequence, which sequence parallelism could leave.
     """
+    q, k, v = (sharding.constrain(x, ("batch", None, "heads", None)) for x in (q, k, v))
     if not _as_bias(q, k, mask):
         causal = _plain_causal(q, k, mask)
         out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation=implementation)
     else:
-        allowed = mask.allowed()
+        allowed = sharding.constrain(mask.allowed(), ("batch", None, None, None))
         out = jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=scale, implementation=implementation)
         seen = allowed[:, 0].any(-1)  # [B, T]
         out = jnp.where(seen[:, :, None, None], out, jnp.zeros((), out.dtype))

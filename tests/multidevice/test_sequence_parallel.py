@@ -90,3 +90,34 @@ def test_sequence_parallel_equals_the_default_layout(runs):
     assert a.keys() == b.keys()
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     assert worst <= 1e-6, worst
+
+
+def test_cudnn_operands_are_split_by_batch_and_heads_only():
+    """What attention='cudnn' hands the kernel (`layers._fused`) under sequence parallelism, run by
+    XLA's implementation of the same call: from sequence-split q, k, v it equals the unsplit call,
+    and q, k, v reach the kernel split by batch and heads, never by sequence (cuDNN's partitioning
+    rejects a split sequence)."""
+    from jax.sharding import NamedSharding
+
+    from idefics_jax.models import layers as L
+
+    mesh = sharding.make_mesh(MESH, jax.devices()[:8])
+    rules = sharding.rules_from_config(common.sequence_parallel())
+    b, t, n, h = 4, 64, 8, 16
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((b, t, n, h)).astype(np.float32) for _ in range(3))
+    slots = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    seg = np.repeat(np.arange(2, dtype=np.int32), t // 2)[None].repeat(b, 0)
+    mask = L.Mask(q_pos=slots, kv_pos=slots, q_seg=seg, kv_seg=seg)
+    fused = jax.jit(lambda q, k, v, m: L._fused(q, k, v, m, h**-0.5, "xla"))
+    expected = np.asarray(fused(q, k, v, mask))
+
+    split = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "tensor", None, None))
+    with jax.set_mesh(mesh), sharding.use_rules(rules):
+        args = [jax.device_put(x, split) for x in (q, k, v)]
+        text = fused.lower(*args, mask).as_text()
+        got = np.asarray(fused(*args, mask))
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+    constraints = [line for line in text.splitlines() if "sharding_constraint" in line]
+    assert len(constraints) == 4, text  # q, k, v and the boolean mask
+    assert sum('[{"data", "fsdp"}, {}, {"tensor"}, {}]' in line for line in constraints) == 3, constraints
