@@ -133,10 +133,10 @@ def setup_ours(cfg: IdeficsConfig, data: dict, want_weights: bool) -> tuple[Call
     check_batch(data, c.data, b)
     lay = state_lib.layout(run_config.parse(c, files=False), sharding.make_mesh(c.mesh))
     state = state_lib.init(lay, 0)
-    flat = dict(_flat(state_lib.full_params(state))) if want_weights else {}
-    weights = {
-        name: t for e in hf.entries(cfg) if flat for name, t in hf.iter_hf(e, np.asarray(flat[e.path], np.float32))
-    }
+    weights = {}
+    if want_weights:
+        flat = dict(_flat(state_lib.full_params(state)))
+        weights = {n: t for e in hf.entries(cfg) for n, t in hf.iter_hf(e, np.asarray(flat[e.path], np.float32))}
     step = make_train_step(lay, 0.0, 1, 1)
     forward = jax.jit(lambda s, x: nnx.merge(lay.graphdef, s["params"], s["frozen"])(**{k: x[k] for k in MODEL_INPUTS}))
     return step, forward, state, {k: jnp.asarray(v) for k, v in data.items()}, weights
