@@ -147,8 +147,9 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
 
 
-# Keys per block of the blockwise kernel: its [B, N, T, BLOCK] score tiles stay in cache on CPU.
-BLOCK = 128
+# Queries and keys per tile of the blockwise kernel: its [B, N, BLOCK, BLOCK] score tiles stay in
+# cache on CPU, and a causal mask leaves nearly half the tiles of a long row fully masked (skipped).
+BLOCK = 64
 _logged: set[str] = set()
 
 
@@ -172,19 +173,17 @@ class Mask(NamedTuple):
     q_images: jax.Array | None = None
     kv_image: jax.Array | None = None
 
-    def allowed(self, keys: jax.Array | None = None) -> jax.Array | None:
-        """bool [B, 1, T, S'] for the keys at indices `keys` (int [S']; None: all S keys), or None
-        when nothing is masked. XLA fuses it into the select that uses it."""
-        pick = (lambda x, axis=1: x) if keys is None else (lambda x, axis=1: jnp.take(x, keys, axis=axis))
+    def allowed(self) -> jax.Array | None:
+        """bool [B, 1, T, S], or None when nothing is masked. XLA fuses it into the select that uses it."""
         terms = []
         if self.kv_valid is not None:
-            terms.append(pick(self.kv_valid)[:, None, :])
+            terms.append(self.kv_valid[:, None, :])
         if self.q_pos is not None:
-            terms.append(pick(self.kv_pos)[:, None, :] <= self.q_pos[:, :, None])
+            terms.append(self.kv_pos[:, None, :] <= self.q_pos[:, :, None])
         if self.q_seg is not None:
-            terms.append(self.q_seg[:, :, None] == pick(self.kv_seg)[:, None, :])
+            terms.append(self.q_seg[:, :, None] == self.kv_seg[:, None, :])
         if self.q_images is not None:
-            terms.append(jnp.take(self.q_images, pick(self.kv_image, 0), axis=2))
+            terms.append(jnp.take(self.q_images, self.kv_image, axis=2))
         if not terms:
             return None
         out = terms[0]
@@ -206,8 +205,10 @@ def attention(
     (IdeficsConfig.attention) chooses the kernel; all give the same numbers up to rounding:
       xla        dense [B, N, T, S] scores in one pass; the custom VJP saves the log-sum-exp and
                  recomputes the probabilities (one extra q·kᵀ; no [B, N, T, S] residual)
-      blockwise  flash-style: keys in blocks of BLOCK with an online softmax; the custom VJP
-                 recomputes each block's probabilities from the saved log-sum-exp (memory O(T), not O(T·S))
+      blockwise  flash-style: queries and keys in tiles of BLOCK with an online softmax; a tile in
+                 which no query sees any key is skipped (`lax.cond`), so causal rows cost about
+                 half; the custom VJP recomputes each tile's probabilities from the saved
+                 log-sum-exp (memory O(T), not O(T·S))
       cudnn      `jax.nn.dot_product_attention(implementation="cudnn")` on GPU with bf16/fp16 and a
                  head dim that is a multiple of 8 (`_fused`); otherwise xla, with the reason logged once.
     """
@@ -224,7 +225,7 @@ def attention(
     with jax.named_scope("attention"):
         qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, N, T|S, H]: heads as a batch axis
         mask = mask or Mask()
-        if impl == "blockwise" and k.shape[1] > BLOCK:
+        if impl == "blockwise" and max(q.shape[1], k.shape[1]) > BLOCK:
             out = _blockwise(qt, kt, vt, mask, scale)
         else:
             out = _dense(qt, kt, vt, mask, scale)
@@ -353,24 +354,61 @@ def _no_grad(mask: Mask) -> Mask:
     return jax.tree.map(lambda x: None, mask)
 
 
-def _key_blocks(k, v, mask):
-    """Keys padded to a multiple of BLOCK (padding keys invalid): k, v [B, N, S', H], the mask, and
-    the key indices of each block int [S' / BLOCK, BLOCK]."""
-    s = k.shape[2]
-    pad = -s % BLOCK
-    if pad:
-        k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (k, v))
-        valid = jnp.ones((k.shape[0], s), bool) if mask.kv_valid is None else mask.kv_valid
-        pad_keys = lambda x, value: (
-            None if x is None else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=value)
-        )
-        mask = mask._replace(
-            kv_valid=pad_keys(valid, False),
-            kv_pos=pad_keys(mask.kv_pos, 0),
-            kv_seg=pad_keys(mask.kv_seg, 0),
-            kv_image=pad_keys(mask.kv_image, 0),
-        )
-    return k, v, mask, jnp.arange(s + pad).reshape(-1, BLOCK)
+_QUERY_FIELDS = ("q_pos", "q_seg", "q_images")
+
+
+def _tile_len(n: int) -> int:
+    """Tile length along an axis of n queries or keys: BLOCK, or n itself when it fits in one tile."""
+    return BLOCK if n > BLOCK else n
+
+
+def _pad(x: jax.Array | None, axis: int, n: int, value=0) -> jax.Array | None:
+    if x is None or not n:
+        return x
+    return jnp.pad(x, [(0, n if a == axis else 0) for a in range(x.ndim)], constant_values=value)
+
+
+def _split(x: jax.Array | None, axis: int, tile: int) -> jax.Array | None:
+    """`axis` of x cut into tiles of `tile`, the tile index moved to the front: [L/tile, ..., tile, ...]."""
+    if x is None:
+        return None
+    return jnp.moveaxis(x.reshape(*x.shape[:axis], -1, tile, *x.shape[axis + 1 :]), axis, 0)
+
+
+def _join(x: jax.Array, axis: int, length: int) -> jax.Array:
+    """Inverse of `_split`, cut back to the first `length` entries along `axis`."""
+    x = jnp.moveaxis(x, 0, axis)
+    x = x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
+    return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+
+
+def _tiled(q, k, v, mask):
+    """The operands cut into query and key tiles (`_tile_len`), padded up to whole tiles (padding
+    keys invalid; padding queries are dropped from the output): q [T'/tq, B, N, tq, H],
+    k, v [S'/tk, B, N, tk, H], and the mask's query and key fields cut the same way, as two Masks
+    whose other fields are None."""
+    t, s = q.shape[2], k.shape[2]
+    tq, tk = _tile_len(t), _tile_len(s)
+    pt, ps = -t % tq, -s % tk
+    kv_valid = mask.kv_valid
+    if ps and kv_valid is None:
+        kv_valid = jnp.ones((k.shape[0], s), bool)
+    q_side = Mask(**{f: _split(_pad(getattr(mask, f), 1, pt), 1, tq) for f in _QUERY_FIELDS})
+    k_side = Mask(
+        kv_valid=_split(_pad(kv_valid, 1, ps, False), 1, tk),
+        kv_pos=_split(_pad(mask.kv_pos, 1, ps), 1, tk),
+        kv_seg=_split(_pad(mask.kv_seg, 1, ps), 1, tk),
+        kv_image=_split(_pad(mask.kv_image, 0, ps), 0, tk),
+    )
+    qs = _split(_pad(q, 2, pt), 2, tq)
+    ks, vs = (_split(_pad(x, 2, ps), 2, tk) for x in (k, v))
+    return qs, ks, vs, q_side, k_side
+
+
+def _tile_mask(q_side: Mask, k_side: Mask) -> tuple[jax.Array | None, jax.Array]:
+    """(bool [B, 1, tq, tk] or None when nothing is masked, whether any query of the tile sees any key)."""
+    allowed = Mask(*(a if a is not None else b for a, b in zip(q_side, k_side, strict=True))).allowed()
+    return allowed, jnp.bool_(True) if allowed is None else allowed.any()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -381,29 +419,39 @@ def _blockwise(q, k, v, mask, scale):
 
 def _flash_fwd_pass(q, k, v, mask, scale):
     """(out [B, N, T, H], float32 log-sum-exp [B, N, T, 1]; +inf on rows that see no key)."""
-    kp, vp, mp, blocks = _key_blocks(k, v, mask)
-    b, n, t, h = q.shape
-    kb, vb = (x.reshape(b, n, -1, BLOCK, h).transpose(2, 0, 1, 3, 4) for x in (kp, vp))
+    qs, ks, vs, q_side, k_side = _tiled(q, k, v, mask)
 
-    def body(carry, xs):
-        m, total, acc = carry
-        kj, vj, keys = xs
-        s = _scores(q, kj, mp.allowed(keys), scale)
-        m_new = jnp.maximum(m, s.max(-1, keepdims=True))
-        p = jnp.exp(s - _finite(m_new))
-        rescale = jnp.exp(m - _finite(m_new))
-        acc = acc * rescale + jnp.einsum("bnts,bnsh->bnth", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
-        return (m_new, total * rescale + p.sum(-1, keepdims=True), acc), None
+    def per_query_tile(_, xs):
+        qi, qmi = xs
 
-    init = (
-        jnp.full((b, n, t, 1), -jnp.inf, jnp.float32),
-        jnp.zeros((b, n, t, 1), jnp.float32),
-        jnp.zeros((b, n, t, h), jnp.float32),
-    )
-    (m, total, acc), _ = jax.lax.scan(body, init, (kb, vb, blocks))
-    seen = total > 0
-    out = (acc / jnp.where(seen, total, 1.0)).astype(v.dtype)
-    return out, jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), jnp.inf)
+        def per_key_tile(carry, ys):
+            kj, vj, kmj = ys
+            allowed, live = _tile_mask(qmi, kmj)
+
+            def update(carry):
+                m, total, acc = carry
+                s = _scores(qi, kj, allowed, scale)
+                m_new = jnp.maximum(m, s.max(-1, keepdims=True))
+                p = jnp.exp(s - _finite(m_new))
+                rescale = jnp.exp(m - _finite(m_new))
+                pv = jnp.einsum("bnts,bnsh->bnth", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+                return m_new, total * rescale + p.sum(-1, keepdims=True), acc * rescale + pv
+
+            return jax.lax.cond(live, update, lambda c: c, carry), None
+
+        init = (
+            jnp.full((*qi.shape[:-1], 1), -jnp.inf, jnp.float32),
+            jnp.zeros((*qi.shape[:-1], 1), jnp.float32),
+            jnp.zeros(qi.shape, jnp.float32),
+        )
+        (m, total, acc), _ = jax.lax.scan(per_key_tile, init, (ks, vs, k_side))
+        seen = total > 0
+        safe = jnp.where(seen, total, 1.0)
+        return None, ((acc / safe).astype(v.dtype), jnp.where(seen, m + jnp.log(safe), jnp.inf))
+
+    _, (out, lse) = jax.lax.scan(per_query_tile, None, (qs, q_side))
+    t = q.shape[2]
+    return _join(out, 2, t), _join(lse, 2, t)
 
 
 def _flash_fwd(q, k, v, mask, scale):
@@ -412,21 +460,42 @@ def _flash_fwd(q, k, v, mask, scale):
 
 
 def _flash_bwd(scale, res, d_out):
+    """Key tiles outside, query tiles inside: each key tile's dk, dv accumulate in the inner carry,
+    dq [T'/tq, B, N, tq, H] (float32) in the outer one, a skipped tile touching neither."""
     q, k, v, mask, out, lse = res
-    kp, vp, mp, blocks = _key_blocks(k, v, mask)
-    b, n, _, h = q.shape
-    kb, vb = (x.reshape(b, n, -1, BLOCK, h).transpose(2, 0, 1, 3, 4) for x in (kp, vp))
-    d_row = _row_dot(d_out, out)
+    qs, ks, vs, q_side, k_side = _tiled(q, k, v, mask)
+    tq = qs.shape[-2]
+    pt = qs.shape[0] * tq - q.shape[2]
+    d_outs, lses, d_rows = (_split(_pad(x, 2, pt), 2, tq) for x in (d_out, lse, _row_dot(d_out, out)))
 
-    def body(dq, xs):
-        kj, vj, keys = xs
-        p = jnp.exp(_scores(q, kj, mp.allowed(keys), scale) - lse)
-        dqj, dkj, dvj = _block_grads(q, kj, vj, p, d_row, d_out, scale)
-        return dq + dqj.astype(jnp.float32), (dkj, dvj)
+    def per_key_tile(dq, xs):
+        kj, vj, kmj = xs
 
-    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), (kb, vb, blocks))
-    unblock = lambda x: x.transpose(1, 2, 0, 3, 4).reshape(b, n, -1, h)[:, :, : k.shape[2]]
-    return dq.astype(q.dtype), unblock(dk), unblock(dv), _no_grad(mask)
+        def per_query_tile(carry, ys):
+            i, qi, d_out_i, lse_i, d_row_i, qmi = ys
+            allowed, live = _tile_mask(qmi, kmj)
+
+            def update(carry):
+                dk, dv, dq = carry
+                p = jnp.exp(_scores(qi, kj, allowed, scale) - lse_i)
+                dqi, dki, dvi = _block_grads(qi, kj, vj, p, d_row_i, d_out_i, scale)
+                dq = jax.lax.dynamic_update_index_in_dim(dq, dq[i] + dqi.astype(jnp.float32), i, 0)
+                return dk + dki.astype(jnp.float32), dv + dvi.astype(jnp.float32), dq
+
+            return jax.lax.cond(live, update, lambda c: c, carry), None
+
+        init = (jnp.zeros(kj.shape, jnp.float32), jnp.zeros(vj.shape, jnp.float32), dq)
+        xs = (jnp.arange(qs.shape[0]), qs, d_outs, lses, d_rows, q_side)
+        (dk, dv, dq), _ = jax.lax.scan(per_query_tile, init, xs)
+        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+
+    dq, (dk, dv) = jax.lax.scan(per_key_tile, jnp.zeros(qs.shape, jnp.float32), (ks, vs, k_side))
+    return (
+        _join(dq, 2, q.shape[2]).astype(q.dtype),
+        _join(dk, 2, k.shape[2]),
+        _join(dv, 2, v.shape[2]),
+        _no_grad(mask),
+    )
 
 
 _blockwise.defvjp(_flash_fwd, _flash_bwd)
