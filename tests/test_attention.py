@@ -20,7 +20,7 @@ from idefics_jax.config import IdeficsConfig, PerceiverConfig, VisionConfig
 from idefics_jax.models import Idefics
 from idefics_jax.models import layers as L
 
-T, N_IMAGES = 200, 2  # T > BLOCK: the blockwise kernel runs more than one key block (and a partial one)
+T, N_IMAGES = 200, 2  # T > BLOCK: the blockwise kernel runs several query and key tiles (and a partial one)
 
 
 def _config(attention: str) -> IdeficsConfig:
@@ -146,7 +146,7 @@ def test_structure_gives_the_dense_masks():
 def test_every_kernel_gives_the_dense_mask_logits_and_gradients(attention):
     """'cudnn' falls back to 'xla' on this CPU; 'cudnn-masks' runs what it hands cuDNN on a GPU
     (`_fused`: the structure as a dense mask, dead rows zeroed) through XLA's implementation."""
-    assert T > L.BLOCK and T % L.BLOCK, "the blockwise kernel must run full and partial key blocks"
+    assert T > L.BLOCK and T % L.BLOCK, "the blockwise kernel must run full and partial tiles"
     ref_logits, ref_grads = _logits_and_grads("xla", reference=True)
     if attention == "cudnn-masks":
         logits, grads = _logits_and_grads("xla", kernel=_fused_as_on_gpu)

@@ -428,7 +428,7 @@ def _flash_fwd_pass(q, k, v, mask, scale):
             kj, vj, kmj = ys
             allowed, live = _tile_mask(qmi, kmj)
 
-            def update(carry):
+            def attend_tile(carry):
                 m, total, acc = carry
                 s = _scores(qi, kj, allowed, scale)
                 m_new = jnp.maximum(m, s.max(-1, keepdims=True))
@@ -437,7 +437,7 @@ def _flash_fwd_pass(q, k, v, mask, scale):
                 pv = jnp.einsum("bnts,bnsh->bnth", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
                 return m_new, total * rescale + p.sum(-1, keepdims=True), acc * rescale + pv
 
-            return jax.lax.cond(live, update, lambda c: c, carry), None
+            return jax.lax.cond(live, attend_tile, lambda c: c, carry), None
 
         init = (
             jnp.full((*qi.shape[:-1], 1), -jnp.inf, jnp.float32),
@@ -475,14 +475,14 @@ def _flash_bwd(scale, res, d_out):
             i, qi, d_out_i, lse_i, d_row_i, qmi = ys
             allowed, live = _tile_mask(qmi, kmj)
 
-            def update(carry):
+            def grad_tile(carry):
                 dk, dv, dq = carry
                 p = jnp.exp(_scores(qi, kj, allowed, scale) - lse_i)
                 dqi, dki, dvi = _block_grads(qi, kj, vj, p, d_row_i, d_out_i, scale)
                 dq = jax.lax.dynamic_update_index_in_dim(dq, dq[i] + dqi.astype(jnp.float32), i, 0)
                 return dk + dki.astype(jnp.float32), dv + dvi.astype(jnp.float32), dq
 
-            return jax.lax.cond(live, update, lambda c: c, carry), None
+            return jax.lax.cond(live, grad_tile, lambda c: c, carry), None
 
         init = (jnp.zeros(kj.shape, jnp.float32), jnp.zeros(vj.shape, jnp.float32), dq)
         xs = (jnp.arange(qs.shape[0]), qs, d_outs, lses, d_rows, q_side)
