@@ -285,10 +285,22 @@ def _fused(
     return out.reshape(*out.shape[:2], -1)
 
 
-def _scores(q: jax.Array, k: jax.Array, allowed: jax.Array | None, scale: float) -> jax.Array:
-    """float32 scaled scores [B, N, T, S], -inf where not allowed."""
+def _scores(
+    q: jax.Array, k: jax.Array, allowed: jax.Array | None, scale: float, fill: jax.Array | float = -jnp.inf
+) -> jax.Array:
+    """float32 scaled scores [B, N, T, S], `fill` (-inf) where not allowed."""
     s = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
-    return s if allowed is None else jnp.where(allowed, s, -jnp.inf)
+    return s if allowed is None else jnp.where(allowed, s, fill)
+
+
+def _tile_scores(q: jax.Array, k: jax.Array, allowed: jax.Array | None, scale: float) -> jax.Array:
+    """`_scores` of one tile, its mask and -inf passed with q through an optimization barrier. Under a
+    differentiated layer scan, JAX's partial evaluation would otherwise split every value of the
+    tile that depends only on the mask or on constants (the mask broadcast over heads, the -inf
+    fill: bool and float32 [B, N, tq, tk]) out of the `lax.cond` into a scan of its own, computed
+    for every tile, skipped or not, and stacked per key tile."""
+    q, allowed, fill = jax.lax.optimization_barrier((q, allowed, jnp.float32(-jnp.inf)))
+    return _scores(q, k, allowed, scale, fill)
 
 
 def _finite(m: jax.Array) -> jax.Array:
@@ -430,7 +442,7 @@ def _flash_fwd_pass(q, k, v, mask, scale):
 
             def attend_tile(carry):
                 m, total, acc = carry
-                s = _scores(qi, kj, allowed, scale)
+                s = _tile_scores(qi, kj, allowed, scale)
                 m_new = jnp.maximum(m, s.max(-1, keepdims=True))
                 p = jnp.exp(s - _finite(m_new))
                 rescale = jnp.exp(m - _finite(m_new))
@@ -477,7 +489,7 @@ def _flash_bwd(scale, res, d_out):
 
             def grad_tile(carry):
                 dk, dv, dq = carry
-                p = jnp.exp(_scores(qi, kj, allowed, scale) - lse_i)
+                p = jnp.exp(_tile_scores(qi, kj, allowed, scale) - lse_i)
                 dqi, dki, dvi = _block_grads(qi, kj, vj, p, d_row_i, d_out_i, scale)
                 dq = jax.lax.dynamic_update_index_in_dim(dq, dq[i] + dqi.astype(jnp.float32), i, 0)
                 return dk + dki.astype(jnp.float32), dv + dvi.astype(jnp.float32), dq
