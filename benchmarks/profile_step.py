@@ -75,6 +75,7 @@ ATTENTION_FNS = {
     "_join",
     "_tiled",
     "_tile_mask",
+    "_tile_scores",
     "per_query_tile",
     "per_key_tile",
     "attend_tile",

@@ -394,11 +394,11 @@ def _join(x: jax.Array, axis: int, length: int) -> jax.Array:
     return jax.lax.slice_in_dim(x, 0, length, axis=axis)
 
 
-def _tiled(q, k, v, mask):
+def _tiled(q, k, v, mask, *like_q):
     """The operands cut into query and key tiles (`_tile_len`), padded up to whole tiles (padding
     keys invalid; padding queries are dropped from the output): q [T'/tq, B, N, tq, H],
-    k, v [S'/tk, B, N, tk, H], and the mask's query and key fields cut the same way, as two Masks
-    whose other fields are None."""
+    k, v [S'/tk, B, N, tk, H], the mask's query and key fields cut the same way, as two Masks
+    whose other fields are None, and the arrays `like_q` ([B, N, T, ·]) cut as q is."""
     t, s = q.shape[2], k.shape[2]
     tq, tk = _tile_len(t), _tile_len(s)
     pt, ps = -t % tq, -s % tk
@@ -412,9 +412,9 @@ def _tiled(q, k, v, mask):
         kv_seg=_split(_pad(mask.kv_seg, 1, ps), 1, tk),
         kv_image=_split(_pad(mask.kv_image, 0, ps), 0, tk),
     )
-    qs = _split(_pad(q, 2, pt), 2, tq)
+    qs, *like_qs = (_split(_pad(x, 2, pt), 2, tq) for x in (q, *like_q))
     ks, vs = (_split(_pad(x, 2, ps), 2, tk) for x in (k, v))
-    return qs, ks, vs, q_side, k_side
+    return qs, ks, vs, q_side, k_side, like_qs
 
 
 def _tile_mask(q_side: Mask, k_side: Mask) -> tuple[jax.Array | None, jax.Array]:
@@ -431,7 +431,7 @@ def _blockwise(q, k, v, mask, scale):
 
 def _flash_fwd_pass(q, k, v, mask, scale):
     """(out [B, N, T, H], float32 log-sum-exp [B, N, T, 1]; +inf on rows that see no key)."""
-    qs, ks, vs, q_side, k_side = _tiled(q, k, v, mask)
+    qs, ks, vs, q_side, k_side, _ = _tiled(q, k, v, mask)
 
     def per_query_tile(_, xs):
         qi, qmi = xs
@@ -475,10 +475,7 @@ def _flash_bwd(scale, res, d_out):
     """Key tiles outside, query tiles inside: each key tile's dk, dv accumulate in the inner carry,
     dq [T'/tq, B, N, tq, H] (float32) in the outer one, a skipped tile touching neither."""
     q, k, v, mask, out, lse = res
-    qs, ks, vs, q_side, k_side = _tiled(q, k, v, mask)
-    tq = qs.shape[-2]
-    pt = qs.shape[0] * tq - q.shape[2]
-    d_outs, lses, d_rows = (_split(_pad(x, 2, pt), 2, tq) for x in (d_out, lse, _row_dot(d_out, out)))
+    qs, ks, vs, q_side, k_side, (d_outs, lses, d_rows) = _tiled(q, k, v, mask, d_out, lse, _row_dot(d_out, out))
 
     def per_key_tile(dq, xs):
         kj, vj, kmj = xs
