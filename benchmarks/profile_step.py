@@ -1,6 +1,6 @@
 """Where the train step's time goes: XLA's per-op timing of benchmarks/train_step.py's step, by category.
 
-    python benchmarks/profile_step.py [--hidden 512] [--seq 512] [--steps 3] [--attention xla] [--top 15]
+    python benchmarks/profile_step.py [--hidden 512] [--seq 512] [--steps 3] [--attention xla] [--scan-unroll 1] [--top 15]
 
 Compiles the same step as benchmarks/train_step.py (same model, batch and optimizer), runs `--steps`
 steps under `jax.profiler.trace`, and charges every executed XLA op (CPU thunk) to one category:
@@ -179,9 +179,10 @@ def main():
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--attention", default="xla", help="model.attention kernel")
+    ap.add_argument("--scan-unroll", type=int, default=1, help="model.scan_unroll (layers per scan iteration)")
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
-    cfg = bench.model_config(args.hidden, args.layers).replace(attention=args.attention)
+    cfg = bench.model_config(args.hidden, args.layers).replace(attention=args.attention, scan_unroll=args.scan_unroll)
     data = bench.batch(cfg, args.batch, args.seq, args.images)
     step, _, state, x, _ = bench.setup_ours(cfg, data, want_weights=False)
     instrs, comps, frame_fn = parse_hlo(step.lower(*bench.step_args(state, x)).compile().as_text())
@@ -208,7 +209,7 @@ def main():
             by_op[name] += us / args.steps / 1e3
     total = sum(by_cat.values())
     print(
-        f"hidden {args.hidden}, batch {args.batch} x {args.seq}, attention {args.attention}: {wall * 1e3:.0f} ms/step wall, "
+        f"hidden {args.hidden}, batch {args.batch} x {args.seq}, attention {args.attention}, scan unroll {args.scan_unroll}: {wall * 1e3:.0f} ms/step wall, "
         f"{total:.0f} ms/step of XLA op time ({os.cpu_count()} cores)"
     )
     print("| category | ms/step | share |\n|---|---:|---:|")

@@ -1,6 +1,6 @@
 """Our train step vs transformers' IdeficsForVisionText2Text + torch.optim.AdamW, side by side.
 
-    python benchmarks/train_step.py [--steps 10] [--batch 4] [--seq 256] [--hidden 256] [--layers 8]
+    python benchmarks/train_step.py [--steps 10] [--batch 4] [--seq 256] [--hidden 256] [--layers 8] [--scan-unroll 1]
     python benchmarks/train_step.py --preset 9b --layers 4 --dtype bfloat16 --attention xla,cudnn  # GPU
 
 Same model config, same batch, same freezing (the published flags: vision tower, LLaMA layers and
@@ -286,6 +286,7 @@ def main():
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     ap.add_argument("--attention", default="xla", help="comma list of model.attention kernels to time")
     ap.add_argument("--remat", default=None, help="model.remat (default: the preset's)")
+    ap.add_argument("--scan-unroll", type=int, default=1, help="model.scan_unroll (layers per scan iteration)")
     ap.add_argument("--no-hf", action="store_true", help="time ours only")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -293,7 +294,7 @@ def main():
     cfg = (
         model_config(args.hidden, args.layers) if small else preset_config(args.preset, args.layers, args.vision_layers)
     )
-    cfg = cfg.replace(dtype=args.dtype, **({"remat": args.remat} if args.remat else {}))
+    cfg = cfg.replace(dtype=args.dtype, scan_unroll=args.scan_unroll, **({"remat": args.remat} if args.remat else {}))
     platform = jax.devices()[0].platform
     device = "cuda" if platform == "gpu" else "cpu"
     data = batch(cfg, args.batch, args.seq, args.images)
@@ -303,7 +304,8 @@ def main():
     print(
         f"config: {args.preset}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} LLaMA layers (+{cfg.num_blocks} "
         f"gated xattn), ViT {cfg.vision.embed_dim}x{cfg.vision.num_hidden_layers}; batch {args.batch} x {args.seq} "
-        f"tokens, {args.images} images/row; {args.dtype}, remat {cfg.remat}, {platform} "
+        f"tokens, {args.images} images/row; {args.dtype}, remat {cfg.remat}, scan unroll {cfg.scan_unroll}, "
+        f"{platform} "
         f"({jax.devices()[0].device_kind}), {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__}",
         flush=True,
     )

@@ -1,7 +1,8 @@
 """Model configuration: frozen dataclasses that mirror transformers' `IdeficsConfig`.
 
-Every field that changes the function computed by `IdeficsForVisionText2Text` is here, plus four
-fields of our own that change only how it is computed (`dtype`, `param_dtype`, `remat`, `attention`). `from_hf`
+Every field that changes the function computed by `IdeficsForVisionText2Text` is here, plus five
+fields of our own that change only how it is computed (`dtype`, `param_dtype`, `remat`, `attention`,
+`scan_unroll`). `from_hf`
 and `to_hf` round-trip with HF's `config.json` layout (nested `vision_config` / `perceiver_config`).
 """
 
@@ -21,7 +22,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
 # Attention kernels (models/layers.py `attention`); all compute the same function.
 ATTENTION_IMPLS = ("xla", "blockwise", "cudnn")
 # Our fields: how the function is computed, not which function (not in HF's config.json).
-OWN_FIELDS = ("dtype", "param_dtype", "remat", "attention")
+OWN_FIELDS = ("dtype", "param_dtype", "remat", "attention", "scan_unroll")
 # HF's freeze_model() maps these module-class names to torch module types.
 FREEZE_EXCEPTIONS = ("LayerNorm", "Linear", "Embedding")
 
@@ -111,7 +112,9 @@ class IdeficsConfig:
     `param_dtype` the storage dtype of parameters, `remat` the rematerialisation policy applied once
     per scanned layer (see `REMAT_POLICIES`), `attention` the attention kernel (`ATTENTION_IMPLS`:
     'xla' dense, 'blockwise' flash-style, 'cudnn' fused on GPU with a logged fallback to 'xla'; see
-    `models.layers.attention`).
+    `models.layers.attention`), `scan_unroll` how many layers each iteration of the layer scans runs
+    (`models.layers.scan`: 1 is one loop iteration per layer, so compile time does not grow with
+    depth; a value at least the depth of a stack turns it into straight-line code).
     """
 
     vocab_size: int = 32000
@@ -146,6 +149,7 @@ class IdeficsConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     attention: str = "xla"
+    scan_unroll: int = 1
 
     def __post_init__(self):
         for name in (
@@ -206,6 +210,12 @@ class IdeficsConfig:
             _check(getattr(self, name) in DTYPES, name, getattr(self, name), f"one of {DTYPES}")
         _check(self.remat in REMAT_POLICIES, "remat", self.remat, f"one of {REMAT_POLICIES}")
         _check(self.attention in ATTENTION_IMPLS, "attention", self.attention, f"one of {ATTENTION_IMPLS}")
+        _check(
+            isinstance(self.scan_unroll, int) and not isinstance(self.scan_unroll, bool) and self.scan_unroll > 0,
+            "scan_unroll",
+            self.scan_unroll,
+            "a positive int (layers per scan iteration)",
+        )
         _check(isinstance(self.vision, VisionConfig), "vision", type(self.vision).__name__, "a VisionConfig")
         _check(
             isinstance(self.perceiver, PerceiverConfig), "perceiver", type(self.perceiver).__name__, "a PerceiverConfig"
@@ -240,7 +250,7 @@ class IdeficsConfig:
     def from_hf(cls, source: Mapping[str, Any] | str | os.PathLike | Any, **overrides) -> IdeficsConfig:
         """Builds a config from an HF `IdeficsConfig`, its dict, a config.json path or its directory.
 
-        `overrides` set our own fields (dtype, param_dtype, remat, attention) or any other field.
+        `overrides` set our own fields (dtype, param_dtype, remat, attention, scan_unroll) or any other field.
         """
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)

@@ -56,6 +56,8 @@ def test_dict_round_trip_through_config_files():
         (lambda: IdeficsConfig(freeze_text_module_exceptions=("Conv2d",)), "freeze_text_module_exceptions=('Conv2d',)"),
         (lambda: IdeficsConfig(remat="sometimes"), "remat='sometimes'"),
         (lambda: IdeficsConfig(dtype="int8"), "dtype='int8'"),
+        (lambda: IdeficsConfig(scan_unroll=0), "scan_unroll=0"),
+        (lambda: IdeficsConfig(scan_unroll=True), "scan_unroll=True"),
         (lambda: IdeficsConfig.from_hf({"model_type": "llama"}), "model_type='llama'"),
         (
             lambda: IdeficsConfig.from_hf({"model_type": "idefics", "num_hidden_layers": 5, "cross_layer_interval": 2}),

@@ -8,7 +8,7 @@ import sys
 from conftest import ROOT
 
 
-def test_multidevice_suite():
+def test_multidevice_suite(tmp_path):
     env = dict(os.environ, IDEFICS_TEST_DEVICES="8")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests", "multidevice")],
@@ -18,4 +18,12 @@ def test_multidevice_suite():
         timeout=1200,
         cwd=ROOT,
     )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    if proc.returncode != 0:
+        # A process killed by XLA prints its fatal line first and then every thread's traceback
+        # (faulthandler), so stderr's head is kept beside the tails; the whole of both is on disk.
+        log = tmp_path / "multidevice.log"
+        log.write_text(f"rc {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+        raise AssertionError(
+            f"tests/multidevice exited with {proc.returncode} (full output: {log})\n--- stdout (tail)\n"
+            f"{proc.stdout[-6000:]}\n--- stderr (head)\n{proc.stderr[:4000]}\n--- stderr (tail)\n{proc.stderr[-3000:]}"
+        )

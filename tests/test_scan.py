@@ -1,4 +1,4 @@
-"""Depth by scan: compile time does not grow with depth, and remat policies keep the function."""
+"""Depth by scan: compile time does not grow with depth, and remat policies and unrolling keep the function."""
 
 import functools
 import time
@@ -64,12 +64,15 @@ def test_80_layers_compile_about_as_fast_as_8():
 
 
 @functools.cache
-def _remat_grads(remat: str):
+def _remat_grads(remat: str, unroll: int = 1):
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 130, (2, 16))
     pixels = rng.standard_normal((2, 1, 3, 16, 16)).astype(np.float32)
     iam = np.ones((2, 16, 1), np.int32)
-    model = Idefics(_config(8, vision_layers=2, depth=2, remat=remat, alpha_initializer="ones"), rngs=nnx.Rngs(0))
+    model = Idefics(
+        _config(8, vision_layers=2, depth=2, remat=remat, alpha_initializer="ones", scan_unroll=unroll),
+        rngs=nnx.Rngs(0),
+    )
     graphdef, state = nnx.split(model)
     loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(ids, pixels, iam) ** 2)
     return jax.jit(jax.grad(loss))(state)
@@ -79,3 +82,21 @@ def _remat_grads(remat: str):
 def test_remat_policies_give_the_same_gradients(policy):
     for a, b in zip(jax.tree.leaves(_remat_grads("none")), jax.tree.leaves(_remat_grads(policy))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("unroll", [2, 8])
+def test_scan_unroll_gives_the_same_gradients(unroll):
+    for a, b in zip(jax.tree.leaves(_remat_grads("none")), jax.tree.leaves(_remat_grads("none", unroll))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_scan_unroll_at_full_depth_leaves_no_loop():
+    # 8 layers = 2 blocks of 4, 8 ViT layers, 6 perceiver blocks: every stack is at most 8 deep.
+    def loops(unroll: int) -> int:
+        graphdef, state = abstract_state(_config(8, scan_unroll=unroll))
+        ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+        hlo = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, ids).as_text()
+        return hlo.count("stablehlo.while")
+
+    assert loops(1) > 0
+    assert loops(8) == 0

@@ -101,7 +101,7 @@ class Block(nnx.Module):
     def __init__(self, config: IdeficsConfig, *, rngs: nnx.Rngs | None):
         self.gated_cross_attn_layer = GatedCrossAttentionLayer(config, rngs=rngs)
         self.layers = L.stack(lambda r: DecoderLayer(config, rngs=r), config.cross_layer_interval, rngs)
-        self.remat = config.remat
+        self.remat, self.unroll = config.remat, config.scan_unroll
 
     def __call__(self, h: jax.Array, ctx: Context) -> jax.Array:
         """h [B, T, D] → [B, T, D]."""
@@ -111,7 +111,7 @@ class Block(nnx.Module):
         xattn = lambda x: sharding.constrain(self.gated_cross_attn_layer(x, ctx.image_states, ctx.image_mask), HIDDEN)
         h = L.checkpoint(xattn, self.remat)(h)
         decoder = lambda layer, x: sharding.constrain(layer(x, ctx.cos, ctx.sin, ctx.mask), HIDDEN)
-        return L.scan(self.layers, decoder, h, self.remat)
+        return L.scan(self.layers, decoder, h, self.remat, self.unroll)
 
 
 class Idefics(nnx.Module):
@@ -193,7 +193,7 @@ class Idefics(nnx.Module):
         h = sharding.constrain(self.embed_tokens(input_ids), HIDDEN)
         cos, sin = L.rotary(position_ids, cfg.head_dim, cfg.rope_theta)
         ctx = Context(cos, sin, mask, image_states, image_mask)
-        h = L.scan(self.blocks, lambda blk, x: blk(x, ctx), h, "none")
+        h = L.scan(self.blocks, lambda blk, x: blk(x, ctx), h, "none", cfg.scan_unroll)
         return self.logits(h)
 
     def logits(self, h: jax.Array) -> jax.Array:

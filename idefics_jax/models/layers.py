@@ -6,7 +6,8 @@ Conventions (see DESIGN.md §3):
 - Linear kernels are stored [in, out] (HF stores [out, in]; `idefics_jax.hf` transposes).
 - Matmuls run in the config's compute dtype; norms and softmax in float32.
 - Layers of the same kind are created stacked (`stack`) and run with `scan`, so compile time does not
-  grow with depth; `remat` is applied once per layer inside the scan body.
+  grow with depth (unless `scan_unroll` says otherwise); `remat` is applied once per layer inside the
+  scan body.
 """
 
 from __future__ import annotations
@@ -558,18 +559,21 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 
-def scan(stacked: nnx.Module, body: Callable[[nnx.Module, Any], Any], carry: Any, remat: str) -> Any:
+def scan(stacked: nnx.Module, body: Callable[[nnx.Module, Any], Any], carry: Any, remat: str, unroll: int = 1) -> Any:
     """Runs `carry = body(layer_i, carry)` for each layer of a `stack`ed module, as one `lax.scan`.
 
     `remat` names the rematerialisation policy ('none' or a key of REMAT_POLICIES) applied to one
-    layer's body, so activations are saved (or recomputed) once per layer.
+    layer's body, so activations are saved (or recomputed) once per layer. `unroll`
+    (IdeficsConfig.scan_unroll) layers run per loop iteration; at least the stack's depth leaves no
+    loop. Unrolled, the layers' saved activations are separate buffers instead of slices of stacked
+    [layers, ...] arrays written and read by dynamic-update-slice.
     """
     graphdef, state = nnx.split(stacked)
 
     def step(c, layer_state):
         return body(nnx.merge(graphdef, layer_state), c), None
 
-    carry, _ = jax.lax.scan(checkpoint(step, remat), carry, state)
+    carry, _ = jax.lax.scan(checkpoint(step, remat), carry, state, unroll=unroll)
     return carry
 
 

@@ -93,12 +93,16 @@ class PerceiverResampler(nnx.Module):
         self.blocks = L.stack(lambda r: PerceiverBlock(config, rngs=r), p.resampler_depth, rngs)
         self.layer_norm = L.LayerNorm(e, LN_EPS, param_dtype=config.param_dtype)
         self.dtype = L.dtype_of(config.dtype)
-        self.remat = config.remat
+        self.remat, self.unroll = config.remat, config.scan_unroll
 
     def __call__(self, context: jax.Array) -> jax.Array:
         """context [M, S, E] → latents [M, n_latents, E] in the compute dtype."""
         latents = jnp.broadcast_to(self.latents[...].astype(self.dtype), (context.shape[0], *self.latents.shape))
         latents = L.scan(
-            self.blocks, lambda blk, lat: sharding.constrain(blk(context, lat), IMAGE_HIDDEN), latents, self.remat
+            self.blocks,
+            lambda blk, lat: sharding.constrain(blk(context, lat), IMAGE_HIDDEN),
+            latents,
+            self.remat,
+            self.unroll,
         )
         return self.layer_norm(latents)

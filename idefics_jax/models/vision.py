@@ -114,9 +114,11 @@ class VisionTransformer(nnx.Module):
         self.pre_layrnorm = L.LayerNorm(v.embed_dim, v.layer_norm_eps, param_dtype=config.param_dtype)
         self.layers = L.stack(lambda r: VisionEncoderLayer(v, rngs=r, **kw), v.num_hidden_layers, rngs)
         self.post_layernorm = L.LayerNorm(v.embed_dim, v.layer_norm_eps, param_dtype=config.param_dtype)
-        self.remat = config.remat
+        self.remat, self.unroll = config.remat, config.scan_unroll
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """pixels [M, C, H, W] (any float dtype) → [M, 1 + num_patches, E] in the compute dtype."""
         x = sharding.constrain(self.pre_layrnorm(self.embeddings(pixels)), IMAGE_HIDDEN)
-        return L.scan(self.layers, lambda layer, h: sharding.constrain(layer(h), IMAGE_HIDDEN), x, self.remat)
+        return L.scan(
+            self.layers, lambda layer, h: sharding.constrain(layer(h), IMAGE_HIDDEN), x, self.remat, self.unroll
+        )
