@@ -3,8 +3,8 @@
 They print figures and assert nothing themselves, so a benchmark broken by a change elsewhere
 (a helper's signature, a renamed kernel) would otherwise surface only when someone measures. These
 check their output, not their timings: every kernel's error against the float32 reference, the
-same first-step loss on both sides of the train-step comparison, and a profile that finds the
-attention code.
+same first-step loss on both sides of the train-step comparison (and across the interleaved
+variants), and a profile that finds the attention code.
 """
 
 from __future__ import annotations
@@ -59,3 +59,12 @@ def test_profile_benchmark_charges_the_attention_kernel():
     table = dict(re.findall(r"^\| ([a-z/ ]+) \| (\d+) \| \d+% \|$", out, re.M))
     assert {"attention", "matmul", "elementwise"} <= set(table), out
     assert int(table["attention"]) > 0
+
+
+def test_interleaved_benchmark_times_every_variant_of_one_function():
+    out = _run(
+        "interleaved.py", "--hidden", "64", "--seq", "80", "--layers", "4", "--steps", "2", "--scan-unroll", "1,4"
+    )
+    rows = re.findall(r"^scan_unroll (\d+): median \d+ ms, .* first-step loss ([\d.]+); steps", out, re.M)
+    assert [u for u, _ in rows] == ["1", "4"], out
+    assert rows[0][1] == rows[1][1], out
