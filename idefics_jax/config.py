@@ -2,8 +2,8 @@
 
 Every field that changes the function computed by `IdeficsForVisionText2Text` is here, plus five
 fields of our own that change only how it is computed (`dtype`, `param_dtype`, `remat`, `attention`,
-`scan_unroll`). `from_hf`
-and `to_hf` round-trip with HF's `config.json` layout (nested `vision_config` / `perceiver_config`).
+`scan_unroll`). `from_hf` and `to_hf` round-trip with HF's `config.json` layout (nested
+`vision_config` / `perceiver_config`).
 """
 
 from __future__ import annotations
@@ -112,9 +112,10 @@ class IdeficsConfig:
     `param_dtype` the storage dtype of parameters, `remat` the rematerialisation policy applied once
     per scanned layer (see `REMAT_POLICIES`), `attention` the attention kernel (`ATTENTION_IMPLS`:
     'xla' dense, 'blockwise' flash-style, 'cudnn' fused on GPU with a logged fallback to 'xla'; see
-    `models.layers.attention`), `scan_unroll` how many layers each iteration of the layer scans runs
+    `models.layers.attention`), `scan_unroll` how many layers each iteration of the forward's layer scans runs
     (`models.layers.scan`: 1 is one loop iteration per layer, so compile time does not grow with
-    depth; a value at least the depth of a stack turns it into straight-line code).
+    depth; a value at least the depth of a stack turns it into straight-line code; generation's
+    cached decode step keeps its own one-layer-per-iteration scans).
     """
 
     vocab_size: int = 32000
