@@ -39,7 +39,8 @@ def _config(layers: int, vision_layers: int | None = None, depth: int = 6, **kw)
     )
 
 
-def _compile_seconds(config: IdeficsConfig) -> float:
+def _lowered_forward(config: IdeficsConfig):
+    """The jitted forward of `config` on abstract params and a 2 × 64-token batch with 2 images, lowered."""
     graphdef, state = abstract_state(config)
     b, t, n = 2, 64, 2
     args = (
@@ -51,8 +52,12 @@ def _compile_seconds(config: IdeficsConfig) -> float:
     def forward(state, ids, pixels, iam):
         return nnx.merge(graphdef, state)(ids, pixels, iam)
 
+    return jax.jit(forward).lower(state, *args)
+
+
+def _compile_seconds(config: IdeficsConfig) -> float:
     start = time.perf_counter()
-    jax.jit(forward).lower(state, *args).compile()
+    _lowered_forward(config).compile()
     return time.perf_counter() - start
 
 
@@ -64,7 +69,7 @@ def test_80_layers_compile_about_as_fast_as_8():
 
 
 @functools.cache
-def _remat_grads(remat: str, unroll: int = 1):
+def _grads(remat: str, unroll: int = 1):
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 130, (2, 16))
     pixels = rng.standard_normal((2, 1, 3, 16, 16)).astype(np.float32)
@@ -80,23 +85,21 @@ def _remat_grads(remat: str, unroll: int = 1):
 
 @pytest.mark.parametrize("policy", ["full", "dots", "minimal"])
 def test_remat_policies_give_the_same_gradients(policy):
-    for a, b in zip(jax.tree.leaves(_remat_grads("none")), jax.tree.leaves(_remat_grads(policy))):
+    for a, b in zip(jax.tree.leaves(_grads("none")), jax.tree.leaves(_grads(policy))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("unroll", [2, 8])
 def test_scan_unroll_gives_the_same_gradients(unroll):
-    for a, b in zip(jax.tree.leaves(_remat_grads("none")), jax.tree.leaves(_remat_grads("none", unroll))):
+    for a, b in zip(jax.tree.leaves(_grads("none")), jax.tree.leaves(_grads("none", unroll))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
 def test_scan_unroll_at_full_depth_leaves_no_loop():
-    # 8 layers = 2 blocks of 4, 8 ViT layers, 6 perceiver blocks: every stack is at most 8 deep.
+    # 8 layers = 2 blocks of 4, 8 ViT layers, 6 perceiver blocks (images in the batch, so all three
+    # stacks are traced): every stack is at most 8 deep.
     def loops(unroll: int) -> int:
-        graphdef, state = abstract_state(_config(8, scan_unroll=unroll))
-        ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
-        hlo = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, ids).as_text()
-        return hlo.count("stablehlo.while")
+        return _lowered_forward(_config(8, scan_unroll=unroll)).as_text().count("stablehlo.while")
 
     assert loops(1) > 0
     assert loops(8) == 0
